@@ -9,6 +9,8 @@
 #   NUM_TRAIN   T3 training records (default: 2000)
 #   NUM_VAL     T3 validation records (default: 200)
 #   SCALES      T3 event-count scales (default: "1x 2x")
+#   STEPS       optimizer steps for each training stage (default: 60)
+#   BATCH       records per micro-batch (default: 8)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -17,6 +19,8 @@ SEED=${SEED:-0}
 NUM_TRAIN=${NUM_TRAIN:-2000}
 NUM_VAL=${NUM_VAL:-200}
 SCALES=${SCALES:-"1x 2x"}
+STEPS=${STEPS:-60}
+BATCH=${BATCH:-8}
 mkdir -p "$OUT"
 
 if [ -z "${MODEL:-}" ]; then
@@ -34,6 +38,18 @@ stats = json.load(open(sys.argv[1]))
 for split in ("train", "val"):
     print(f"   {split}: {sum(s['count'] for t in stats[split].values() for s in t.values())} records, "
           f"{len(stats[split])} task families")
+PY
+
+echo "== 03 QLoRA fine-tuning on T3 text tasks -> $OUT/03"
+python 03_train_t3.py --model "$MODEL" --train "$OUT/01/t3_train.jsonl" --val "$OUT/01/t3_val.jsonl" \
+  --out "$OUT/03" --max-steps "$STEPS" --batch-size "$BATCH" --grad-accum 1 --lr 2e-3 --val-limit 100 --seed "$SEED"
+python - "$OUT/03/train_log.jsonl" <<'PY'
+import json, sys
+log = [json.loads(line) for line in open(sys.argv[1])]
+train = [e["loss"] for e in log if e["event"] == "train"]
+evals = [e for e in log if e["event"] == "eval"]
+print(f"   loss {sum(train[:5]) / 5:.3f} -> {sum(train[-5:]) / 5:.3f}; T3 validation accuracy (option text) "
+      f"{evals[0]['text']['all']:.3f} -> {evals[-1]['text']['all']:.3f}")
 PY
 
 echo "== done; outputs under $OUT/"

@@ -133,6 +133,10 @@ def build(out_dir, arch="qwen2_vl", hidden=64, layers=2, vocab_size=1024, seed=0
     tokenizer, template = train_tokenizer(arch, synthesize_corpus(seed=seed), vocab_size)
     builder = build_qwen2_vl if arch == "qwen2_vl" else build_llava_onevision
     model, processor = builder(tokenizer, template, hidden, layers)
+    # A trained model's output head spans logits of tens; a random one at std 0.02 behind an
+    # RMSNorm spans about one, which keeps the softmax near uniform whatever LoRA learns.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(10.0)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     parent = os.path.dirname(os.path.abspath(out_dir))

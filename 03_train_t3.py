@@ -1,0 +1,551 @@
+"""Stage 03: 4-bit QLoRA fine-tuning of a video LLM on T3 text tasks (optionally mixed with video SFT).
+
+The language model gets LoRA adapters on its linear layers; the vision tower and the
+projector stay frozen and unquantized. The loss covers assistant tokens only. Validation
+is multiple-choice accuracy on stage 01's t3_val.jsonl, scored by log-likelihood.
+
+Usage:
+    python 03_train_t3.py --model M --train runs/01/t3_train.jsonl [--val runs/01/t3_val.jsonl]
+        [--mix video_sft.jsonl --mix-ratio 0.2 --video-root DIR] --out runs/03 [--max-steps N | --epochs E]
+    torchrun --nproc_per_node K 03_train_t3.py ...   (DDP, same flags)
+
+Writes OUT/adapter_config.json + OUT/adapter_model.safetensors (a standard PEFT adapter),
+OUT/train_log.jsonl and OUT/checkpoint/ (for --resume).
+"""
+import argparse
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder or hub id (AutoModelForImageTextToText)")
+    p.add_argument("--train", required=True, help="T3 training JSONL from stage 01 (LLaVA conversation form)")
+    p.add_argument("--val", help="multiple-choice validation JSONL (records with options and answer)")
+    p.add_argument("--mix", help="video instruction JSONL (conversation form with a 'video' field) to mix in")
+    p.add_argument("--mix-ratio", type=float, default=0.2, help="share of training records drawn from --mix")
+    p.add_argument("--video-root", help="folder that --mix video paths are relative to (default: the JSONL's folder)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--batch-size", type=int, default=4, help="records per micro-batch (per process)")
+    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-dropout", type=float, default=0.05)
+    p.add_argument("--lora-targets", default=LORA_TARGETS, help="comma-separated linear-layer names inside the language model")
+    p.add_argument("--max-length", type=int, default=4096, help="longer records are skipped and counted")
+    p.add_argument("--num-frames", type=int, default=16, help="frames per video for --mix records")
+    p.add_argument("--eval-every", type=int, default=0, help="also evaluate every N steps (0: only at start and end)")
+    p.add_argument("--val-limit", type=int, default=500, help="validation records used per evaluation")
+    p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--stop-after-steps", type=int, help="stop after this many steps, leaving a checkpoint (time-boxed jobs)")
+    p.add_argument("--no-4bit", dest="four_bit", action="store_false", help="load the model unquantized")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ---- shared: io (identical copies in every stage; tests/test_shared_blocks.py) ----
+class InputError(Exception):
+    """Bad user input; main() prints it as one line and exits non-zero."""
+
+
+def read_jsonl(path):
+    """Yield (line_number, record) for every non-blank line; InputError names file and line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object")
+            yield number, record
+
+
+@contextmanager
+def atomic_write(path, mode="w"):
+    """Write to a temp file beside `path` and rename it into place only on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_main(main):
+    """Run main(); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+# ---- end shared: io ----
+
+
+# ---- shared: model (identical copies in every stage that loads a model) ----
+VISION_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def pick_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_model(path, four_bit=True, device=None):
+    """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
+    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    device = device or pick_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise InputError(f"{path}: no such model folder")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization, device_map={"": device})
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    return model, processor
+
+
+def chat_messages(conversations, with_video=False):
+    """LLaVA turns ({"from": "human"|"gpt", "value"}) as chat-template messages; the video, if
+    any, goes before the first user text, and LLaVA's <video>/<image> placeholders are dropped."""
+    messages = []
+    for turn in conversations:
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}[turn["from"]]
+        text = turn["value"].replace("<video>", "").replace("<image>", "").strip() if role == "user" else turn["value"]
+        parts = [{"type": "text", "text": text}]
+        if with_video and role == "user" and not any(m["role"] == "user" for m in messages):
+            parts.insert(0, {"type": "video"})
+        messages.append({"role": role, "content": parts})
+    return messages
+
+
+def encode(processor, messages, video=None):
+    """Token ids, labels (-100 except assistant turns) and the processor's vision tensors.
+    Each assistant turn is tokenized apart from its prompt, exactly as generation sees it."""
+    tokenizer = processor.tokenizer
+    ids, labels, token_extras, extras, rendered = [], [], {}, {}, ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = processor.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        full = processor.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (prompt.startswith(rendered) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render turns as prefixes of each other")
+        prompt_piece, answer_piece = prompt[len(rendered):], full[len(prompt):]
+        if not rendered:
+            batch = processor(text=[prompt_piece], videos=[video] if video is not None else None, return_tensors="pt")
+            piece = batch.pop("input_ids")[0].tolist()
+            batch.pop("attention_mask", None)
+            for key, value in batch.items():  # token-aligned (e.g. mm_token_type_ids) or per-video tensors
+                (token_extras if value.dim() == 2 and value.shape[1] == len(piece) else extras)[key] = value
+            token_extras = {k: v[0].tolist() for k, v in token_extras.items()}
+        else:
+            piece = tokenizer(prompt_piece, add_special_tokens=False)["input_ids"]
+            for values in token_extras.values():
+                values += [0] * len(piece)
+        answer = tokenizer(answer_piece, add_special_tokens=False)["input_ids"]
+        for values in token_extras.values():
+            values += [0] * len(answer)
+        ids += piece + answer
+        labels += [-100] * len(piece) + answer
+        rendered = full
+    return {"input_ids": ids, "labels": labels, "token_extras": token_extras, "extras": extras}
+
+
+def collate(examples, pad_id):
+    """Right-pad token-aligned fields; concatenate vision tensors in record order."""
+    width = max(len(e["input_ids"]) for e in examples)
+    pad = lambda seq, value: seq + [value] * (width - len(seq))
+    batch = {
+        "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
+        "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
+    }
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([pad(e["labels"], -100) for e in examples])
+    for key in {k for e in examples for k in e["token_extras"]}:
+        batch[key] = torch.tensor([pad(e["token_extras"].get(key, [0] * len(e["input_ids"])), 0) for e in examples])
+    for key in {k for e in examples for k in e["extras"]}:
+        batch[key] = torch.cat([e["extras"][key] for e in examples if key in e["extras"]])
+    return batch
+# ---- end shared: model ----
+
+
+# ---- shared: frames (identical copies in every stage that decodes video) ----
+def sample_frames(path, num_frames, indices=None):
+    """uint8 frames [T, H, W, 3] from a video, uniform over the frames that really decode
+    (or exactly `indices`). A container's frame count is checked, never trusted."""
+    import decord
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except (decord.DECORDError, RuntimeError) as e:
+        raise InputError(f"{path}: cannot open video ({str(e).splitlines()[0][:120]})") from None
+    total = decodable_frames(reader)
+    if total == 0:
+        raise InputError(f"{path}: no decodable frames")
+    if indices is None:
+        indices = uniform_indices(total, num_frames)
+    if max(indices) >= total:
+        raise InputError(f"{path}: frame {max(indices)} requested but only {total} decode")
+    return reader.get_batch(list(indices)).asnumpy()
+
+
+def uniform_indices(total, count):
+    """`count` indices spread evenly over range(total), centred in equal bins."""
+    return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
+
+
+def decodable_frames(reader):
+    """The number of frames that actually decode: the container's count if its last frame
+    decodes, else a binary search for the last frame that does."""
+    def decodes(i):
+        try:
+            reader[i].asnumpy()
+            return True
+        except Exception:
+            return False
+    total = len(reader)
+    if total == 0 or decodes(total - 1):
+        return total
+    lo, hi = 0, total - 1  # frame lo decodes (or nothing does), frame hi does not
+    if not decodes(0):
+        return 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if decodes(mid) else (lo, mid)
+    return lo + 1
+# ---- end shared: frames ----
+
+
+# ---------------------------------------------------------------- data
+
+def load_records(path, video_root=None, need_video=False):
+    """Conversation records; with need_video, each must name a video that exists."""
+    records = []
+    for number, record in read_jsonl(path):
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns or not all(
+                isinstance(t, dict) and t.get("from") in ("human", "user", "gpt", "assistant", "system")
+                and isinstance(t.get("value"), str) for t in turns):
+            raise InputError(f"{path}:{number}: 'conversations' must be a list of {{from, value}} turns")
+        if not any(t["from"] in ("gpt", "assistant") for t in turns):
+            raise InputError(f"{path}:{number}: no gpt turn to learn from")
+        if need_video or record.get("video"):
+            if not isinstance(record.get("video"), str):
+                raise InputError(f"{path}:{number}: record has no 'video' path")
+            video = os.path.join(video_root or os.path.dirname(os.path.abspath(path)), record["video"])
+            if not os.path.isfile(video):
+                raise InputError(f"{path}:{number}: video {video} not found")
+            record = dict(record, video=video)
+        records.append(dict(record, _where=f"{path}:{number}"))
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
+
+
+def mixed_records(t3, video, ratio, seed):
+    """T3 records plus enough video records (repeated if needed) to make `ratio` of the total."""
+    if not video or ratio <= 0:
+        return t3
+    wanted = round(len(t3) * ratio / (1 - ratio))
+    rng = random.Random(f"{seed}:mix")
+    picked = [video[i % len(video)] for i in range(wanted)]
+    rng.shuffle(picked)
+    return t3 + picked
+
+
+def encode_records(records, processor, num_frames, max_length, desc):
+    """Encoded examples; records over max_length are skipped and counted."""
+    examples, skipped = [], 0
+    for record in tqdm(records, desc=desc, unit="rec", mininterval=2):
+        frames = sample_frames(record["video"], num_frames) if record.get("video") else None
+        example = encode(processor, chat_messages(record["conversations"], frames is not None), frames)
+        if len(example["input_ids"]) > max_length:
+            skipped += 1
+            continue
+        examples.append(example)
+    return examples, skipped
+
+
+def length_grouped_batches(lengths, batch_size, seed, epoch):
+    """Batches of similar length (sorted inside shuffled windows of 50 batches), in shuffled order."""
+    rng = random.Random(f"{seed}:epoch:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------- validation
+
+def split_options(record):
+    """(prompt without the options block, option texts, answer index) of a multiple-choice record."""
+    human = record["conversations"][0]["value"]
+    block = "\n" + "\n".join(record["options"])
+    prompt = human[:human.index(block)] if block in human else human
+    texts = [o.split(". ", 1)[1] if o[1:3] == ". " else o for o in record["options"]]
+    return prompt, texts, "ABCDEFGH".index(record["answer"])
+
+
+@torch.no_grad()
+def option_logprobs(model, processor, prompt, options, device):
+    """Mean log-probability per token of each option text after the prompt (one batch)."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+    examples = [encode(processor, messages + [{"role": "assistant", "content": [{"type": "text", "text": o}]}])
+                for o in options]
+    batch = {k: v.to(device) for k, v in collate(examples, processor.tokenizer.pad_token_id).items()}
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    logprobs = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    mask = targets != -100
+    return ((logprobs * mask).sum(1) / mask.sum(1)).tolist()
+
+
+@torch.no_grad()
+def evaluate(model, processor, records, device):
+    """Accuracy overall and per task: the option whose text is most likely after the question,
+    and the option letter most likely after the full multiple-choice prompt."""
+    model.eval()
+    letter_ids = [processor.tokenizer(L, add_special_tokens=False)["input_ids"][0] for L in "ABCDEFGH"]
+    hits = {}
+    for record in tqdm(records, desc="eval", unit="rec", leave=False, mininterval=2):
+        prompt, options, answer = split_options(record)
+        by_text = option_logprobs(model, processor, prompt, options, device)
+        messages = chat_messages(record["conversations"][:1])
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        batch = processor(text=[text], return_tensors="pt").to(device)
+        last = model(**batch).logits[0, -1, letter_ids[:len(options)]]
+        for key, choice in (("text", max(range(len(options)), key=by_text.__getitem__)), ("letter", int(last.argmax()))):
+            for group in ("all", record.get("task", "all")):
+                entry = hits.setdefault(key, {}).setdefault(group, [0, 0])
+                entry[0] += choice == answer
+                entry[1] += 1
+    model.train()
+    return {key: {group: round(h / n, 4) for group, (h, n) in groups.items()} for key, groups in hits.items()}
+
+
+# ---------------------------------------------------------------- model and training
+
+def prepare_lora(model, args):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if args.four_bit:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    names = "|".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=rf".*language_model.*\.({names})$", task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def cosine_with_warmup(optimizer, warmup, total):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_adapter(model, out_dir):
+    """peft's own adapter files, written to a temp folder and renamed into place."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".adapter-")
+    model.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step):
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        raise InputError(f"{path}: no checkpoint to resume from")
+    set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+def distributed_setup():
+    """(rank, world size); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", 0)), world
+
+
+def train(args):
+    """Train and save the adapter; returns the trained PEFT model (None when stopped early)."""
+    rank, world = distributed_setup()
+    main_process = rank == 0
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+
+    t3 = load_records(args.train)
+    mix = load_records(args.mix, args.video_root, need_video=True) if args.mix else []
+    val = [r for _, r in zip(range(args.val_limit), load_records(args.val))] if args.val else []
+    for r in val:
+        if not isinstance(r.get("options"), list) or r.get("answer") not in "ABCDEFGH"[:len(r.get("options") or [])] or not r.get("answer"):
+            raise InputError(f"{r['_where']}: validation record needs 'options' and an 'answer' letter among them")
+    if args.resume and not os.path.isdir(os.path.join(args.out, "checkpoint")):
+        raise InputError(f"{args.out}/checkpoint: nothing to resume")
+
+    model, processor = load_model(args.model, args.four_bit, device)
+    model = prepare_lora(model, args)
+    if main_process:
+        model.print_trainable_parameters()
+    examples, skipped = encode_records(mixed_records(t3, mix, args.mix_ratio, args.seed), processor,
+                                       args.num_frames, args.max_length, desc="tokenize")
+    if not examples:
+        raise InputError(f"{args.train}: every record is longer than --max-length {args.max_length}")
+    lengths = [len(e["input_ids"]) for e in examples]
+    steps_per_epoch = max(1, len(length_grouped_batches(lengths, args.batch_size, args.seed, 0)) // (args.grad_accum * world))
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    scheduler = cosine_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
+    checkpoint = os.path.join(args.out, "checkpoint")
+    step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
+    ddp_model = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "train_log.jsonl")
+    log = open(log_path, "a" if args.resume else "w", encoding="utf-8") if main_process else None
+    def record(entry):
+        if log:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+    if main_process:
+        record({"event": "start", "step": step, "examples": len(examples), "skipped_too_long": skipped,
+                "total_steps": total_steps, "world_size": world})
+    if val and main_process and step == 0:
+        accuracy = evaluate(model, processor, val, device)
+        record({"event": "eval", "step": 0, **accuracy})
+        print(f"step 0 validation accuracy: text {accuracy['text']['all']:.3f}, letter {accuracy['letter']['all']:.3f}")
+
+    model.train()
+    micro_per_step = args.grad_accum * world
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main_process)
+    stop_at = min(total_steps, args.stop_after_steps or total_steps)
+    while step < stop_at:
+        epoch, offset = divmod(step * micro_per_step, max(1, steps_per_epoch * micro_per_step))
+        batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
+        batches = batches[:steps_per_epoch * micro_per_step]
+        for start in range(offset, len(batches), micro_per_step):
+            if step >= stop_at:
+                break
+            began, tokens, loss_sum = time.perf_counter(), 0, 0.0
+            mine = batches[start + rank:start + micro_per_step:world]
+            for micro in mine:
+                batch = {k: v.to(device) for k, v in collate([examples[i] for i in micro], processor.tokenizer.pad_token_id).items()}
+                loss = ddp_model(**batch).loss / len(mine)
+                loss.backward()
+                loss_sum += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            speed = tokens * world / (time.perf_counter() - began)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{speed:.0f}")
+            bar.update()
+            record({"event": "train", "step": step, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(speed, 1)})
+            if args.eval_every and val and step % args.eval_every == 0 and step < total_steps and main_process:
+                record({"event": "eval", "step": step, **evaluate(model, processor, val, device)})
+            if main_process and (step % args.save_every == 0 or step == stop_at):
+                save_checkpoint(checkpoint, model, optimizer, scheduler, step)
+    bar.close()
+    if step < total_steps:
+        if main_process:
+            print(f"stopped at step {step} of {total_steps}; continue with --resume")
+        return None
+    if main_process:
+        save_adapter(model, args.out)
+        if val:
+            accuracy = evaluate(model, processor, val, device)
+            record({"event": "eval", "step": step, **accuracy})
+            print(f"step {step} validation accuracy: text {accuracy['text']['all']:.3f}, letter {accuracy['letter']['all']:.3f}")
+        print(f"adapter written to {args.out}")
+    if log:
+        log.close()
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+def main():
+    train(parse_args())
+
+
+if __name__ == "__main__":
+    run_main(main)

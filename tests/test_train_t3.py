@@ -1,0 +1,181 @@
+"""Stage 03: assistant-only masking, learning, plain-peft reload, resume, video mix, bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO, load_stage
+from videos import frames_for, write_video
+
+t3 = load_stage("03_train_t3.py")
+synth = load_stage("01_synthesize.py")
+SCRIPT = os.path.join(REPO, "03_train_t3.py")
+
+
+@pytest.fixture(scope="module")
+def t3_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("t3data")
+    subprocess.run([sys.executable, os.path.join(REPO, "01_synthesize.py"), "--out", str(out), "--num-train", "64",
+                    "--num-val", "12", "--scales", "1x", "--seed", "1"], check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def video_sft(tmp_path_factory):
+    """Three tiny videos and a video instruction JSONL that names them relative to its folder."""
+    folder = tmp_path_factory.mktemp("videosft")
+    lines = []
+    for i in range(3):
+        write_video(folder / f"clip{i}.mp4", frames_for(12, seed=i))
+        lines.append({"id": f"v{i}", "video": f"clip{i}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nWhat moves in this video?"},
+            {"from": "gpt", "value": "A square moves from left to right."}]})
+    (folder / "video_sft.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    return folder
+
+
+def run_train(*args):
+    return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_assistant_only_masking_is_exact(tiny_models, arch):
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(tiny_models[arch])
+    turns = [{"from": "human", "value": "<video>\nWhich event happens first?"}, {"from": "gpt", "value": "A red kite flies."},
+             {"from": "human", "value": "And last?"}, {"from": "gpt", "value": "B"}]
+    video = frames_for(8)
+    example = t3.encode(processor, t3.chat_messages(turns, with_video=True), video)
+    ids, labels = example["input_ids"], example["labels"]
+    trained = [i for i, label in zip(ids, labels) if label != -100]
+    assert all(label in (-100, i) for i, label in zip(ids, labels))
+    assert processor.tokenizer.decode(trained) == "A red kite flies.<|im_end|>\nB<|im_end|>\n"
+    # everything else decodes to the template's rendering of the conversation, video tokens included
+    full = processor.apply_chat_template(t3.chat_messages(turns, with_video=True), tokenize=False)
+    video_token = processor.tokenizer.convert_tokens_to_ids(processor.video_token)
+    assert ids.count(video_token) > 1
+    collapsed = processor.tokenizer.decode([i for n, i in enumerate(ids) if not (i == video_token and ids[n - 1] == video_token)])
+    assert collapsed == full
+    for values in example["token_extras"].values():
+        assert len(values) == len(ids)
+
+
+def test_collate_pads_tokens_and_concatenates_vision(tiny_models, video_sft):
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(tiny_models["qwen2_vl"])
+    text_only = t3.encode(processor, t3.chat_messages([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}]))
+    frames = t3.sample_frames(str(video_sft / "clip0.mp4"), 4)
+    with_video = t3.encode(processor, t3.chat_messages([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}], True), frames)
+    batch = t3.collate([text_only, with_video], processor.tokenizer.pad_token_id)
+    width = len(with_video["input_ids"])
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["mm_token_type_ids"].shape == (2, width)
+    assert batch["attention_mask"][0].sum() == len(text_only["input_ids"])
+    assert (batch["labels"][0, len(text_only["input_ids"]):] == -100).all()
+    assert batch["video_grid_thw"].shape[0] == 1
+
+
+def test_frames_are_uniform_over_decodable_frames(tmp_path):
+    path = write_video(tmp_path / "v.mp4", frames_for(20))
+    assert t3.uniform_indices(20, 4) == [2, 7, 12, 17]
+    frames = t3.sample_frames(path, 4)
+    assert frames.shape == (4, 64, 64, 3) and frames.dtype.name == "uint8"
+    # the moving square's x position grows with time: frames come back in order
+    xs = [int(abs(f[32].astype(int) - f[0, 0].astype(int)).sum(-1).argmax()) for f in frames]
+    assert xs == sorted(xs) and xs[0] < xs[-1]
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 20)
+    with pytest.raises(t3.InputError, match="bad.mp4: cannot open video"):
+        t3.sample_frames(str(tmp_path / "bad.mp4"), 4)
+
+
+def test_training_lowers_loss_and_adapter_reloads_with_plain_peft(tiny_models, t3_data, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+    out = tmp_path / "run"
+    args = t3.parse_args(["--model", tiny_models["qwen2_vl"], "--train", str(t3_data / "t3_train.jsonl"),
+                          "--val", str(t3_data / "t3_val.jsonl"), "--out", str(out), "--max-steps", "24",
+                          "--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--no-4bit", "--save-every", "100"])
+    trained = t3.train(args)
+    log = [json.loads(line) for line in open(out / "train_log.jsonl")]
+    losses = [e["loss"] for e in log if e["event"] == "train"]
+    assert len(losses) == 24
+    assert sum(losses[-6:]) / 6 < 0.7 * sum(losses[:6]) / 6
+    evals = [e for e in log if e["event"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 24] and set(evals[0]["text"]) >= {"all", "order"}
+
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    base = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen2_vl"])
+    reloaded = PeftModel.from_pretrained(base, str(out)).eval()
+    processor = AutoProcessor.from_pretrained(tiny_models["qwen2_vl"])
+    batch = processor(text=["Frame 1: A red kite flies above a quiet beach."], return_tensors="pt")
+    trained.eval()
+    with torch.no_grad():
+        expected, got = trained(**batch).logits, reloaded(**batch).logits
+        with reloaded.disable_adapter():
+            untouched = reloaded(**batch).logits
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(untouched, expected, atol=1e-3)  # the adapter really changes the model
+
+
+def test_4bit_training_touches_only_language_model_lora(tiny_models, t3_data, tmp_path):
+    args = t3.parse_args(["--model", tiny_models["llava_onevision"], "--train", str(t3_data / "t3_train.jsonl"),
+                          "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "4", "--grad-accum", "1"])
+    model = t3.train(args)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    linear_types = {type(m).__name__ for n, m in model.named_modules() if "language_model.layers" in n and n.endswith("base_layer")}
+    assert linear_types == {"Linear4bit"}
+    vision_types = {type(m).__name__ for n, m in model.named_modules() if "vision_tower" in n and isinstance(m, torch.nn.Linear)}
+    assert vision_types == {"Linear"}
+
+
+def test_resume_matches_uninterrupted_run(tiny_models, t3_data, tmp_path, video_sft):
+    common = ["--model", tiny_models["qwen2_vl"], "--train", t3_data / "t3_train.jsonl", "--mix", video_sft / "video_sft.jsonl",
+              "--mix-ratio", "0.1", "--num-frames", "4", "--max-steps", "6", "--batch-size", "4", "--grad-accum", "2",
+              "--save-every", "2", "--lr", "1e-3"]
+    whole = run_train(*common, "--out", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    first = run_train(*common, "--out", tmp_path / "split", "--stop-after-steps", "3")
+    assert first.returncode == 0 and "continue with --resume" in first.stdout
+    assert not (tmp_path / "split" / "adapter_model.safetensors").exists()
+    second = run_train(*common, "--out", tmp_path / "split", "--resume")
+    assert second.returncode == 0, second.stderr[-2000:]
+    a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "split" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    steps = [json.loads(l)["step"] for l in open(tmp_path / "split" / "train_log.jsonl") if '"train"' in l]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("case", ["bad_json", "missing_video", "missing_model", "no_gpt"])
+def test_bad_input_is_one_line(tiny_models, t3_data, tmp_path, case):
+    train = t3_data / "t3_train.jsonl"
+    model = tiny_models["qwen2_vl"]
+    extra = []
+    if case == "bad_json":
+        train = tmp_path / "bad.jsonl"
+        train.write_text(open(t3_data / "t3_train.jsonl").readline() + "{oops\n")
+        expect = f"{train}:2: not valid JSON"
+    elif case == "no_gpt":
+        train = tmp_path / "nogpt.jsonl"
+        train.write_text(json.dumps({"id": 1, "conversations": [{"from": "human", "value": "hi"}]}) + "\n")
+        expect = f"{train}:1: no gpt turn"
+    elif case == "missing_video":
+        mix = tmp_path / "mix.jsonl"
+        mix.write_text(json.dumps({"id": 1, "video": "gone.mp4", "conversations": [
+            {"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}]}) + "\n")
+        extra = ["--mix", mix]
+        expect = f"{mix}:1: video {tmp_path / 'gone.mp4'} not found"
+    else:
+        model = tmp_path / "no-such-model"
+        expect = f"{model}: no such model folder"
+    result = run_train("--model", model, "--train", train, "--out", tmp_path / "out", "--max-steps", "1", *extra)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {expect}"), result.stderr[-2000:]
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
