@@ -290,10 +290,10 @@ def mixed_records(t3, video, ratio, seed):
     return t3 + picked
 
 
-def encode_records(records, processor, num_frames, max_length, desc):
+def encode_records(records, processor, num_frames, max_length, desc, show=True):
     """Encoded examples; records over max_length are skipped and counted."""
     examples, skipped = [], 0
-    for record in tqdm(records, desc=desc, unit="rec", mininterval=2):
+    for record in tqdm(records, desc=desc, unit="rec", mininterval=2, disable=not show):
         frames = sample_frames(record["video"], num_frames) if record.get("video") else None
         example = encode(processor, chat_messages(record["conversations"], frames is not None), frames)
         if len(example["input_ids"]) > max_length:
@@ -461,7 +461,7 @@ def train(args):
     if main_process:
         model.print_trainable_parameters()
     examples, skipped = encode_records(mixed_records(t3, mix, args.mix_ratio, args.seed), processor,
-                                       args.num_frames, args.max_length, desc="tokenize")
+                                       args.num_frames, args.max_length, desc="tokenize", show=main_process)
     if not examples:
         raise InputError(f"{args.train}: every record is longer than --max-length {args.max_length}")
     lengths = [len(e["input_ids"]) for e in examples]

@@ -152,6 +152,17 @@ def test_resume_matches_uninterrupted_run(tiny_models, t3_data, tmp_path, video_
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
+def test_runs_under_torchrun_ddp(tiny_models, t3_data, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT,
+                             "--model", tiny_models["qwen2_vl"], "--train", str(t3_data / "t3_train.jsonl"),
+                             "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2",
+                             "--no-gradient-checkpointing"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert log[0]["world_size"] == 2 and [e["step"] for e in log if e["event"] == "train"] == [1, 2]
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("case", ["bad_json", "missing_video", "missing_model", "no_gpt"])
 def test_bad_input_is_one_line(tiny_models, t3_data, tmp_path, case):
     train = t3_data / "t3_train.jsonl"
