@@ -368,19 +368,26 @@ def evaluate(model, processor, records, device):
 
 # ---------------------------------------------------------------- model and training
 
-def prepare_lora(model, args):
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+# ---- shared: training (identical copies in every training stage) ----
+def prepare_for_lora(model, args):
+    """Freeze everything; k-bit preparation and gradient checkpointing as asked."""
+    from peft import prepare_model_for_kbit_training
     for param in model.parameters():
         param.requires_grad_(False)
     if args.four_bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    elif args.gradient_checkpointing:
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
+    return model
+
+
+def lora_config(args):
+    """LoRA on the language model's linear layers named in --lora-targets, nowhere else."""
+    from peft import LoraConfig
     names = "|".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=rf".*language_model.*\.({names})$", task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=getattr(args, "lora_dropout", 0.0),
+                      target_modules=rf".*language_model.*\.({names})$", task_type="CAUSAL_LM")
 
 
 def cosine_with_warmup(optimizer, warmup, total):
@@ -435,6 +442,12 @@ def distributed_setup():
     if world > 1:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ.get("RANK", 0)), world
+# ---- end shared: training ----
+
+
+def prepare_lora(model, args):
+    from peft import get_peft_model
+    return get_peft_model(prepare_for_lora(model, args), lora_config(args))
 
 
 def train(args):

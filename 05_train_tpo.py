@@ -1,0 +1,697 @@
+"""Stage 05: TPO training, 4-bit QLoRA DPO plus an SFT term, with a Triton log-prob kernel.
+
+loss = DPO_sigmoid(beta) + alpha * NLL(chosen), on stage 04's temporal preference pairs.
+Chosen and rejected share the prompt and the video, so the vision tower runs once per
+pair; only response positions go through the LM head; the per-token log-probabilities
+come from `token_logprobs`, a Triton kernel (online logsumexp over vocabulary blocks)
+that never materializes a float32 log-softmax. Reference log-probs are computed once,
+before training, with the adapter switched off (or with the starting T3 adapter).
+
+Usage:
+    python 05_train_tpo.py --model M [--adapter runs/03] --pairs runs/04/pairs.jsonl --out runs/05
+        [--beta 0.1] [--alpha 1.0] [--lr 5e-5] [--epochs 1 | --max-steps N] [--resume]
+    torchrun --nproc_per_node K 05_train_tpo.py ...   (DDP, same flags)
+
+Pairs: {"id", "video", "prompt", "chosen", "rejected", "frames": {"train": [indices], ...}, ...};
+`video` is relative to the pairs file (or --video-root). Writes a standard PEFT adapter,
+OUT/train_log.jsonl, OUT/reference_logps.jsonl and OUT/checkpoint/.
+"""
+import argparse
+import inspect
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+
+import torch
+from tqdm import tqdm
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the chunked PyTorch path still works
+    triton = None
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder or hub id (AutoModelForImageTextToText)")
+    p.add_argument("--adapter", help="start from this T3 adapter (stage 03); it is also the reference model")
+    p.add_argument("--pairs", required=True, help="preference pairs JSONL from stage 04")
+    p.add_argument("--video-root", help="folder that pair videos are relative to (default: the pairs file's folder)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
+    p.add_argument("--alpha", type=float, default=1.0, help="weight of the NLL term on the chosen answer")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=1, help="pairs per forward pass (per process)")
+    p.add_argument("--grad-accum", type=int, default=8, help="forward passes per optimizer step")
+    p.add_argument("--max-grad-norm", type=float, default=1.0)
+    p.add_argument("--num-frames", type=int, default=16, help="frames when a pair records no frames.train indices")
+    p.add_argument("--lora-r", type=int, default=16, help="LoRA rank (ignored with --adapter, which brings its own)")
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--lora-targets", default=LORA_TARGETS)
+    p.add_argument("--save-every", type=int, default=50)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--stop-after-steps", type=int, help="stop after this many steps, leaving a checkpoint")
+    p.add_argument("--no-4bit", dest="four_bit", action="store_false")
+    p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+# ---- shared: io (identical copies in every stage; tests/test_shared_blocks.py) ----
+class InputError(Exception):
+    """Bad user input; main() prints it as one line and exits non-zero."""
+
+
+def read_jsonl(path):
+    """Yield (line_number, record) for every non-blank line; InputError names file and line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object")
+            yield number, record
+
+
+@contextmanager
+def atomic_write(path, mode="w"):
+    """Write to a temp file beside `path` and rename it into place only on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_main(main):
+    """Run main(); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+# ---- end shared: io ----
+
+
+# ---- shared: model (identical copies in every stage that loads a model) ----
+VISION_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def pick_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_model(path, four_bit=True, device=None):
+    """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
+    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    device = device or pick_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise InputError(f"{path}: no such model folder")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization, device_map={"": device})
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    return model, processor
+
+
+def chat_messages(conversations, with_video=False):
+    """LLaVA turns ({"from": "human"|"gpt", "value"}) as chat-template messages; the video, if
+    any, goes before the first user text, and LLaVA's <video>/<image> placeholders are dropped."""
+    messages = []
+    for turn in conversations:
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}[turn["from"]]
+        text = turn["value"].replace("<video>", "").replace("<image>", "").strip() if role == "user" else turn["value"]
+        parts = [{"type": "text", "text": text}]
+        if with_video and role == "user" and not any(m["role"] == "user" for m in messages):
+            parts.insert(0, {"type": "video"})
+        messages.append({"role": role, "content": parts})
+    return messages
+
+
+def encode(processor, messages, video=None):
+    """Token ids, labels (-100 except assistant turns) and the processor's vision tensors.
+    Each assistant turn is tokenized apart from its prompt, exactly as generation sees it."""
+    tokenizer = processor.tokenizer
+    ids, labels, token_extras, extras, rendered = [], [], {}, {}, ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = processor.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        full = processor.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (prompt.startswith(rendered) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render turns as prefixes of each other")
+        prompt_piece, answer_piece = prompt[len(rendered):], full[len(prompt):]
+        if not rendered:
+            batch = processor(text=[prompt_piece], videos=[video] if video is not None else None, return_tensors="pt")
+            piece = batch.pop("input_ids")[0].tolist()
+            batch.pop("attention_mask", None)
+            for key, value in batch.items():  # token-aligned (e.g. mm_token_type_ids) or per-video tensors
+                (token_extras if value.dim() == 2 and value.shape[1] == len(piece) else extras)[key] = value
+            token_extras = {k: v[0].tolist() for k, v in token_extras.items()}
+        else:
+            piece = tokenizer(prompt_piece, add_special_tokens=False)["input_ids"]
+            for values in token_extras.values():
+                values += [0] * len(piece)
+        answer = tokenizer(answer_piece, add_special_tokens=False)["input_ids"]
+        for values in token_extras.values():
+            values += [0] * len(answer)
+        ids += piece + answer
+        labels += [-100] * len(piece) + answer
+        rendered = full
+    return {"input_ids": ids, "labels": labels, "token_extras": token_extras, "extras": extras}
+
+
+def collate(examples, pad_id):
+    """Right-pad token-aligned fields; concatenate vision tensors in record order."""
+    width = max(len(e["input_ids"]) for e in examples)
+    pad = lambda seq, value: seq + [value] * (width - len(seq))
+    batch = {
+        "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
+        "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
+    }
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([pad(e["labels"], -100) for e in examples])
+    for key in {k for e in examples for k in e["token_extras"]}:
+        batch[key] = torch.tensor([pad(e["token_extras"].get(key, [0] * len(e["input_ids"])), 0) for e in examples])
+    for key in {k for e in examples for k in e["extras"]}:
+        batch[key] = torch.cat([e["extras"][key] for e in examples if key in e["extras"]])
+    return batch
+# ---- end shared: model ----
+
+
+# ---- shared: frames (identical copies in every stage that decodes video) ----
+def sample_frames(path, num_frames, indices=None):
+    """uint8 frames [T, H, W, 3] from a video, uniform over the frames that really decode
+    (or exactly `indices`). A container's frame count is checked, never trusted."""
+    import decord
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except (decord.DECORDError, RuntimeError) as e:
+        raise InputError(f"{path}: cannot open video ({str(e).splitlines()[0][:120]})") from None
+    total = decodable_frames(reader)
+    if total == 0:
+        raise InputError(f"{path}: no decodable frames")
+    if indices is None:
+        indices = uniform_indices(total, num_frames)
+    if max(indices) >= total:
+        raise InputError(f"{path}: frame {max(indices)} requested but only {total} decode")
+    return reader.get_batch(list(indices)).asnumpy()
+
+
+def uniform_indices(total, count):
+    """`count` indices spread evenly over range(total), centred in equal bins."""
+    return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
+
+
+def decodable_frames(reader):
+    """The number of frames that actually decode: the container's count if its last frame
+    decodes, else a binary search for the last frame that does."""
+    def decodes(i):
+        try:
+            reader[i].asnumpy()
+            return True
+        except Exception:
+            return False
+    total = len(reader)
+    if total == 0 or decodes(total - 1):
+        return total
+    lo, hi = 0, total - 1  # frame lo decodes (or nothing does), frame hi does not
+    if not decodes(0):
+        return 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if decodes(mid) else (lo, mid)
+    return lo + 1
+# ---- end shared: frames ----
+
+
+# ---- shared: training (identical copies in every training stage) ----
+def prepare_for_lora(model, args):
+    """Freeze everything; k-bit preparation and gradient checkpointing as asked."""
+    from peft import prepare_model_for_kbit_training
+    for param in model.parameters():
+        param.requires_grad_(False)
+    if args.four_bit:
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+    return model
+
+
+def lora_config(args):
+    """LoRA on the language model's linear layers named in --lora-targets, nowhere else."""
+    from peft import LoraConfig
+    names = "|".join(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=getattr(args, "lora_dropout", 0.0),
+                      target_modules=rf".*language_model.*\.({names})$", task_type="CAUSAL_LM")
+
+
+def cosine_with_warmup(optimizer, warmup, total):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def save_adapter(model, out_dir):
+    """peft's own adapter files, written to a temp folder and renamed into place."""
+    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
+    tmp = tempfile.mkdtemp(dir=parent, prefix=".adapter-")
+    model.save_pretrained(tmp)
+    for name in os.listdir(tmp):
+        os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+    os.rmdir(tmp)
+
+
+def save_checkpoint(path, model, optimizer, scheduler, step):
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+               os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, optimizer, scheduler):
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
+        raise InputError(f"{path}: no checkpoint to resume from")
+    set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"]
+
+
+def distributed_setup():
+    """(rank, world size); starts the process group under torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ.get("RANK", 0)), world
+# ---- end shared: training ----
+
+
+# ---------------------------------------------------------------- per-token log-probabilities
+
+def _use_triton(logits):
+    return triton is not None and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+    @triton.jit
+    def _logprob_forward_kernel(logits_ptr, labels_ptr, logprob_ptr, lse_ptr, vocab, row_stride, ignore_index,
+                                BLOCK: tl.constexpr):
+        """One row: online logsumexp over vocabulary blocks, target logit picked up in the same pass."""
+        row = tl.program_id(0).to(tl.int64)
+        label = tl.load(labels_ptr + row)
+        row_ptr = logits_ptr + row * row_stride
+        running_max = float("-inf")
+        running_sum = 0.0
+        target = 0.0
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(x, 0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+            running_max = new_max
+            target += tl.sum(tl.where(cols == label, x, 0.0), 0)
+        lse = running_max + tl.log(running_sum)
+        tl.store(lse_ptr + row, lse)
+        tl.store(logprob_ptr + row, tl.where(label != ignore_index, target - lse, 0.0))
+
+    @triton.jit
+    def _logprob_backward_kernel(logits_ptr, labels_ptr, lse_ptr, grad_out_ptr, grad_logits_ptr, vocab, row_stride,
+                                 grad_row_stride, ignore_index, BLOCK: tl.constexpr):
+        """d log p(label) / d logits = one_hot(label) - softmax, scaled by the row's upstream gradient."""
+        row = tl.program_id(0).to(tl.int64)
+        label = tl.load(labels_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        scale = tl.where(label != ignore_index, tl.load(grad_out_ptr + row).to(tl.float32), 0.0)
+        row_ptr = logits_ptr + row * row_stride
+        grad_ptr = grad_logits_ptr + row * grad_row_stride
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < vocab
+            x = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            grad = scale * (tl.where(cols == label, 1.0, 0.0) - tl.exp(x - lse))
+            tl.store(grad_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inside)
+
+
+def _block_size(vocab):
+    return min(triton.next_power_of_2(vocab), 4096 if os.environ.get("TRITON_INTERPRET") != "1" else 1 << 15)
+
+
+def _logprob_forward(logits, labels, ignore_index, chunk_rows=1024):
+    rows, vocab = logits.shape
+    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return logprobs, lse
+    if _use_triton(logits):
+        _logprob_forward_kernel[(rows,)](logits, labels, logprobs, lse, vocab, logits.stride(0), ignore_index,
+                                         BLOCK=_block_size(vocab))
+        return logprobs, lse
+    for start in range(0, rows, chunk_rows):  # PyTorch: float32 copies of one chunk at a time
+        chunk, chunk_labels = logits[start:start + chunk_rows].float(), labels[start:start + chunk_rows]
+        lse[start:start + chunk_rows] = torch.logsumexp(chunk, -1)
+        target = chunk.gather(1, chunk_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        logprobs[start:start + chunk_rows] = torch.where(chunk_labels != ignore_index, target - lse[start:start + chunk_rows], 0.0)
+    return logprobs, lse
+
+
+def _logprob_backward(logits, labels, lse, grad_out, ignore_index, chunk_rows=1024):
+    rows, vocab = logits.shape
+    grad_logits = torch.empty_like(logits)
+    if rows == 0:
+        return grad_logits
+    if _use_triton(logits):
+        _logprob_backward_kernel[(rows,)](logits, labels, lse, grad_out.contiguous(), grad_logits, vocab, logits.stride(0),
+                                          grad_logits.stride(0), ignore_index, BLOCK=_block_size(vocab))
+        return grad_logits
+    for start in range(0, rows, chunk_rows):
+        end = min(rows, start + chunk_rows)
+        probs = torch.exp(logits[start:end].float() - lse[start:end, None])
+        one_hot = torch.zeros_like(probs).scatter_(1, labels[start:end].clamp(min=0).unsqueeze(1), 1.0)
+        scale = torch.where(labels[start:end] != ignore_index, grad_out[start:end].float(), 0.0)
+        grad_logits[start:end] = (scale[:, None] * (one_hot - probs)).to(logits.dtype)
+    return grad_logits
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """log p(label) per row of a [rows, vocab] logits matrix, with its exact gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index):
+        logprobs, lse = _logprob_forward(logits, labels, ignore_index)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index = ignore_index
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, lse = ctx.saved_tensors
+        return _logprob_backward(logits, labels, lse, grad_out, ctx.ignore_index), None, None
+
+
+def token_logprobs(logits, labels, ignore_index=-100):
+    """float32 log p(labels) of shape labels.shape; exactly 0 where labels == ignore_index.
+    Triton kernel on CUDA (or under TRITON_INTERPRET=1), chunked PyTorch otherwise."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    if flat_logits.stride(-1) != 1:
+        flat_logits = flat_logits.contiguous()
+    flat_labels = labels.reshape(-1).to(device=logits.device, dtype=torch.int64).contiguous()
+    return TokenLogprobs.apply(flat_logits, flat_labels, ignore_index).reshape(labels.shape)
+
+
+def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_nll, beta, alpha):
+    """TPO's objective: -log sigmoid(beta * (policy margin - reference margin)) + alpha * NLL(chosen),
+    averaged over pairs; with the implicit rewards and their accuracy."""
+    chosen_reward = beta * (policy_chosen - reference_chosen)
+    rejected_reward = beta * (policy_rejected - reference_rejected)
+    dpo = -torch.nn.functional.logsigmoid(chosen_reward - rejected_reward)
+    loss = (dpo + alpha * chosen_nll).mean()
+    metrics = {"dpo": dpo.mean().item(), "nll": chosen_nll.mean().item(),
+               "margin": (chosen_reward - rejected_reward).mean().item(),
+               "reward_accuracy": (chosen_reward > rejected_reward).float().mean().item()}
+    return loss, metrics
+
+
+# ---------------------------------------------------------------- pairs
+
+def load_pairs(path, video_root=None):
+    """Validated pair records, each with an absolute video path and the frame indices to show."""
+    pairs = []
+    for number, record in read_jsonl(path):
+        where = f"{path}:{number}"
+        for field in ("id", "video", "prompt", "chosen", "rejected"):
+            if not isinstance(record.get(field), (str, int)) or (field != "id" and not str(record[field]).strip()):
+                raise InputError(f"{where}: pair needs a non-empty '{field}'")
+        frames = (record.get("frames") or {}).get("train")
+        if frames is not None and (not isinstance(frames, list) or not frames or
+                                   not all(isinstance(i, int) and i >= 0 for i in frames)):
+            raise InputError(f"{where}: 'frames.train' must be a non-empty list of frame indices")
+        video = os.path.join(video_root or os.path.dirname(os.path.abspath(path)), record["video"])
+        if not os.path.isfile(video):
+            raise InputError(f"{where}: video {video} not found")
+        pairs.append(dict(record, video=video, _where=where))
+    if not pairs:
+        raise InputError(f"{path}: no pairs")
+    ids = [str(p["id"]) for p in pairs]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{path}: duplicate pair ids")
+    return pairs
+
+
+def encode_pair(processor, pair, num_frames):
+    """Chosen and rejected conversations over the same prompt and the exact recorded frames."""
+    frames = sample_frames(pair["video"], num_frames, (pair.get("frames") or {}).get("train"))
+    prompt = [{"from": "human", "value": pair["prompt"]}]
+    chosen, rejected = (encode(processor, chat_messages(prompt + [{"from": "gpt", "value": pair[k]}], True), frames)
+                        for k in ("chosen", "rejected"))
+    return chosen, rejected
+
+
+# ---------------------------------------------------------------- one forward per batch of pairs
+
+def video_features(hf_model, vision_inputs):
+    """What the model scatters into its video tokens, from its own get_video_features (frozen: no grad)."""
+    kwargs = dict(vision_inputs)
+    params = inspect.signature(hf_model.model.get_video_features).parameters
+    for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+        if name in params and getattr(hf_model.config, name, None) is not None:
+            kwargs[name] = getattr(hf_model.config, name)
+    with torch.no_grad():
+        out = hf_model.model.get_video_features(**{k: v for k, v in kwargs.items() if k in params})
+    features = getattr(out, "pooler_output", out)
+    if isinstance(features, (list, tuple)):
+        features = torch.cat(list(features))
+    return features.reshape(-1, features.shape[-1])
+
+
+def rows_logps(model, processor, pairs_encoded, device):
+    """Summed response log-probs and response token counts for rows [c1, r1, c2, r2, ...].
+    The vision tower sees each pair's video once; only response positions reach the LM head."""
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    rows = [row for pair in pairs_encoded for row in pair]
+    batch = {k: v.to(device) for k, v in collate(rows, processor.tokenizer.pad_token_id).items()}
+    input_ids, labels = batch.pop("input_ids"), batch.pop("labels")
+    embeds = hf_model.get_input_embeddings()(input_ids)
+    vision_keys = [k for k in pairs_encoded[0][0]["extras"] if k.startswith("pixel_values")]
+    if vision_keys:
+        vision_inputs = {k: torch.cat([c["extras"][k] for c, _ in pairs_encoded]).to(device)
+                         for k in pairs_encoded[0][0]["extras"]}
+        features = video_features(hf_model, vision_inputs)
+        video_mask = input_ids == processor.tokenizer.convert_tokens_to_ids(processor.video_token)
+        per_video = video_mask[0::2].sum(1).tolist()
+        chunks = features.split(per_video)
+        repeated = torch.cat([chunk for chunk in chunks for _ in range(2)]).to(embeds.dtype)
+        embeds = embeds.masked_scatter(video_mask.unsqueeze(-1).expand_as(embeds), repeated)
+    for key in vision_keys:
+        batch.pop(key, None)
+    if hasattr(hf_model.model, "get_rope_index"):  # multimodal rotary positions (Qwen-VL family)
+        params = inspect.signature(hf_model.model.get_rope_index).parameters
+        position_ids, _ = hf_model.model.get_rope_index(input_ids, **{k: v for k, v in batch.items() if k in params})
+        batch = {"attention_mask": batch["attention_mask"], "position_ids": position_ids}
+    hidden = hf_model.model(inputs_embeds=embeds, **batch).last_hidden_state
+    targets = labels[:, 1:]
+    response = targets != -100
+    logits = hf_model.lm_head(hidden[:, :-1][response])
+    logps = token_logprobs(logits, targets[response])
+    row_of_token = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(targets)[response]
+    sums = torch.zeros(len(rows), device=device, dtype=torch.float32).index_add(0, row_of_token, logps)
+    counts = response.sum(1)
+    return sums, counts
+
+
+def reference_logps(model, processor, pairs, encoded, path, device, show):
+    """{id: [chosen, rejected]} with the adapter off (or the starting adapter), computed once and
+    appended to `path` as it goes, so a restart only computes what is missing."""
+    cached = {}
+    if os.path.isfile(path):
+        for _, record in read_jsonl(path):
+            cached[str(record["id"])] = record["logps"]
+    todo = [i for i, p in enumerate(pairs) if str(p["id"]) not in cached]
+    if todo:
+        with open(path, "a", encoding="utf-8") as f, torch.no_grad(), reference_mode(model):
+            for i in tqdm(todo, desc="reference", unit="pair", disable=not show):
+                sums, _ = rows_logps(model, processor, [encoded[i]], device)
+                cached[str(pairs[i]["id"])] = sums.tolist()
+                f.write(json.dumps({"id": pairs[i]["id"], "logps": sums.tolist()}) + "\n")
+    return cached
+
+
+@contextmanager
+def reference_mode(model):
+    """The reference model: the frozen starting adapter if there is one, else no adapter."""
+    if "reference" in model.peft_config:
+        model.set_adapter("reference")
+        try:
+            yield
+        finally:
+            model.set_adapter("default")
+            for name, param in model.named_parameters():  # set_adapter re-enables grads on the active adapter only
+                if "lora_" in name and ".default." in name:
+                    param.requires_grad_(True)
+    else:
+        with model.disable_adapter():
+            yield
+
+
+def prepare_policy(model, args):
+    """LoRA policy: a fresh adapter, or the T3 adapter trained further (a frozen copy is the reference)."""
+    from peft import PeftModel, get_peft_model
+    model = prepare_for_lora(model, args)
+    if not args.adapter:
+        return get_peft_model(model, lora_config(args))
+    if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        raise InputError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    model = PeftModel.from_pretrained(model, args.adapter, is_trainable=True)
+    model.load_adapter(args.adapter, adapter_name="reference", is_trainable=False)
+    model.set_adapter("default")
+    return model
+
+
+def pair_batches(count, batch_size, seed, epoch):
+    rng = random.Random(f"{seed}:epoch:{epoch}")
+    order = list(range(count))
+    rng.shuffle(order)
+    return [order[i:i + batch_size] for i in range(0, count, batch_size)]
+
+
+def train(args):
+    """Train and save the TPO adapter; returns the trained PEFT model (None when stopped early)."""
+    rank, world = distributed_setup()
+    main_process = rank == 0
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    device = pick_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    pairs = load_pairs(args.pairs, args.video_root)
+    if args.resume and not os.path.isdir(os.path.join(args.out, "checkpoint")):
+        raise InputError(f"{args.out}/checkpoint: nothing to resume")
+    model, processor = load_model(args.model, args.four_bit, device)
+    model = prepare_policy(model, args)
+    encoded = [encode_pair(processor, p, args.num_frames) for p in tqdm(pairs, desc="encode", unit="pair", disable=not main_process)]
+    os.makedirs(args.out, exist_ok=True)
+    reference = reference_logps(model, processor, pairs, encoded, os.path.join(args.out, f"reference_logps.rank{rank}.jsonl"),
+                                device, main_process)
+    model.train()
+
+    micro_per_step = args.grad_accum * world
+    steps_per_epoch = max(1, len(pair_batches(len(pairs), args.batch_size, args.seed, 0)) // micro_per_step)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    scheduler = cosine_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
+    checkpoint = os.path.join(args.out, "checkpoint")
+    step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
+    ddp_model = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+
+    log = open(os.path.join(args.out, "train_log.jsonl"), "a" if args.resume else "w", encoding="utf-8") if main_process else None
+    bar = tqdm(total=total_steps, initial=step, desc="tpo", unit="step", disable=not main_process)
+    stop_at = min(total_steps, args.stop_after_steps or total_steps)
+    while step < stop_at:
+        epoch, offset = divmod(step * micro_per_step, steps_per_epoch * micro_per_step)
+        batches = pair_batches(len(pairs), args.batch_size, args.seed, epoch)[:steps_per_epoch * micro_per_step]
+        for start in range(offset, len(batches), micro_per_step):
+            if step >= stop_at:
+                break
+            began, totals = time.perf_counter(), {}
+            mine = batches[start + rank:start + micro_per_step:world]
+            for n, micro in enumerate(mine):
+                sync = nullcontext() if world == 1 or n == len(mine) - 1 else ddp_model.no_sync()
+                with sync:
+                    sums, counts = rows_logps(ddp_model.module if world > 1 else model, processor,
+                                              [encoded[i] for i in micro], device)
+                    ref = torch.tensor([reference[str(pairs[i]["id"])] for i in micro], device=device)
+                    loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[:, 0], ref[:, 1],
+                                             -sums[0::2] / counts[0::2].clamp(min=1), args.beta, args.alpha)
+                    (loss / len(mine)).backward()
+                for key, value in dict(metrics, loss=loss.item()).items():
+                    totals[key] = totals.get(key, 0.0) + value / len(mine)
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['reward_accuracy']:.2f}", margin=f"{totals['margin']:.3f}")
+            bar.update()
+            if log:
+                log.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in totals.items()},
+                                      "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
+                                      "seconds": round(time.perf_counter() - began, 3)}) + "\n")
+                log.flush()
+            if main_process and (step % args.save_every == 0 or step == stop_at):
+                save_checkpoint(checkpoint, model, optimizer, scheduler, step)
+    bar.close()
+    if log:
+        log.close()
+    if step < total_steps:
+        if main_process:
+            print(f"stopped at step {step} of {total_steps}; continue with --resume")
+        return None
+    if main_process:
+        if "reference" in model.peft_config:
+            model.delete_adapter("reference")
+            model.set_adapter("default")
+        save_adapter(model, args.out)
+        print(f"adapter written to {args.out}")
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return model
+
+
+def main():
+    train(parse_args())
+
+
+if __name__ == "__main__":
+    run_main(main)

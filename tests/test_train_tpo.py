@@ -1,0 +1,195 @@
+"""Stage 05: the log-prob kernel against float64, the DPO objective, one vision pass per pair, training."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, load_stage
+from videos import frames_for, write_video
+
+tpo = load_stage("05_train_tpo.py")
+SCRIPT = os.path.join(REPO, "05_train_tpo.py")
+
+
+def reference_logprobs(logits, labels, ignore_index=-100):
+    logits64 = logits.detach().double().requires_grad_(True)
+    picked = torch.log_softmax(logits64, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return torch.where(labels != ignore_index, picked, torch.zeros_like(picked)), logits64
+
+
+@pytest.mark.parametrize("shape,vocab,dtype,scale", [
+    ((6,), 1000, torch.float32, 3.0),
+    ((2, 5), 3001, torch.float32, 1.0),       # not a power of two, batched labels
+    ((4,), 70001, torch.float32, 2.0),        # several vocabulary blocks
+    ((3, 3), 1531, torch.bfloat16, 4.0),
+    ((5,), 257, torch.float32, 1e4),          # large-magnitude logits
+])
+def test_token_logprobs_matches_float64(shape, vocab, dtype, scale):
+    assert tpo._use_triton(torch.empty(1)), "the Triton path must be the one under test"
+    generator = torch.Generator().manual_seed(vocab)
+    logits = (torch.randn(*shape, vocab, generator=generator) * scale).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, shape, generator=generator)
+    labels.view(-1)[1] = -100
+    upstream = torch.randn(shape, generator=generator)
+    out = tpo.token_logprobs(logits, labels)
+    out.backward(upstream)
+    expected, logits64 = reference_logprobs(logits, labels)
+    expected.backward(upstream.double())
+    assert out.dtype == torch.float32 and out.shape == labels.shape
+    assert out.view(-1)[1].item() == 0.0 and logits.grad.view(-1, vocab)[1].abs().max().item() == 0.0
+    tol = 1e-5 * max(1.0, scale) if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=tol)
+    torch.testing.assert_close(logits.grad.double(), logits64.grad, rtol=1e-2 if dtype != torch.float32 else 1e-5,
+                               atol=4e-3 if dtype != torch.float32 else 1e-6)
+
+
+def test_pytorch_path_matches_triton_path(monkeypatch):
+    logits = torch.randn(9, 777, dtype=torch.float64).float().requires_grad_(True)
+    labels = torch.randint(0, 777, (9,))
+    labels[4] = -100
+    upstream = torch.randn(9)
+    triton_out = tpo.token_logprobs(logits, labels)
+    (triton_grad,) = torch.autograd.grad(triton_out, logits, upstream)
+    monkeypatch.setattr(tpo, "_use_triton", lambda _: False)
+    torch_out = tpo.token_logprobs(logits, labels)
+    (torch_grad,) = torch.autograd.grad(torch_out, logits, upstream)
+    torch.testing.assert_close(torch_out, triton_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch_grad, triton_grad, rtol=1e-6, atol=1e-7)
+
+
+def test_dpo_loss_equals_hand_computation():
+    beta, alpha = 0.2, 0.5
+    pc, pr = torch.tensor([-3.0, -5.0]), torch.tensor([-4.0, -2.0])
+    rc, rr = torch.tensor([-3.5, -4.0]), torch.tensor([-3.5, -3.0])
+    nll = torch.tensor([1.5, 2.5])
+    loss, metrics = tpo.dpo_loss(pc, pr, rc, rr, nll, beta, alpha)
+    # pair 1: 0.2 * ((-3 + 3.5) - (-4 + 3.5)) = 0.2; pair 2: 0.2 * ((-5 + 4) - (-2 + 3)) = -0.4
+    import math
+    by_hand = ((math.log1p(math.exp(-0.2)) + 0.5 * 1.5) + (math.log1p(math.exp(0.4)) + 0.5 * 2.5)) / 2
+    assert loss.item() == pytest.approx(by_hand, rel=1e-6)
+    assert metrics["reward_accuracy"] == 0.5 and metrics["margin"] == pytest.approx(-0.1, rel=1e-6)
+
+
+def make_pairs(folder, count=6):
+    lines = []
+    for i in range(count):
+        write_video(folder / f"clip{i}.mp4", frames_for(16, seed=i))
+        lines.append({"id": f"p{i}", "video": f"clip{i}.mp4", "prompt": "What happens right after the square appears?",
+                      "chosen": "The square moves to the right.", "rejected": "Nothing happens.",
+                      "kind": "localized", "negative": "irrelevant",
+                      "frames": {"train": [0, 2, 4, 6, 8, 10, 12, 14], "segment": [4, 8]}})
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    return make_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_shared_vision_pass_equals_the_models_own_forward(tiny_models, pairs_file, arch):
+    """rows_logps (vision once, response-only head, kernel) == log-softmax of the model's plain forward."""
+    model, processor = tpo.load_model(tiny_models[arch], four_bit=False, device=torch.device("cpu"))
+    model.eval()
+    pairs = tpo.load_pairs(str(pairs_file))[:2]
+    pairs[1] = dict(pairs[1], chosen="A much longer answer about the square and where it goes next.")
+    encoded = [tpo.encode_pair(processor, p, 8) for p in pairs]
+    calls = []
+    tower = model.model.visual if arch == "qwen2_vl" else model.model.vision_tower
+    hook = tower.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        sums, counts = tpo.rows_logps(model, processor, encoded, torch.device("cpu"))
+    assert len(calls) == 1  # one vision call for both pairs' videos, shared by chosen and rejected
+    for row, example in enumerate(e for pair in encoded for e in pair):
+        batch = tpo.collate([example], processor.tokenizer.pad_token_id)
+        labels = batch.pop("labels")
+        with torch.no_grad():
+            logits = model(**batch).logits[0, :-1].double()
+        targets = labels[0, 1:]
+        expected = torch.log_softmax(logits, -1).gather(1, targets.clamp(min=0)[:, None]).squeeze(1)[targets != -100].sum()
+        assert counts[row] == (targets != -100).sum()
+        assert sums[row].item() == pytest.approx(expected.item(), rel=1e-4, abs=1e-4)
+    hook.remove()
+    assert len(calls) == 1 + 4  # the plain forwards above ran it once per row
+
+
+def test_vision_tower_runs_once_per_pair_in_training(tiny_models, pairs_file, tmp_path, monkeypatch):
+    calls = []
+    original = tpo.prepare_policy
+    def counting_policy(model, args):
+        model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+        return original(model, args)
+    monkeypatch.setattr(tpo, "prepare_policy", counting_policy)
+    args = tpo.parse_args(["--model", tiny_models["qwen2_vl"], "--pairs", str(pairs_file), "--out", str(tmp_path),
+                           "--max-steps", "2", "--grad-accum", "2", "--batch-size", "1"])
+    tpo.train(args)
+    # 6 reference passes (one per pair, before training) + 2 steps x 2 pairs; checkpointing recomputes none
+    assert len(calls) == 6 + 4
+
+
+def test_training_raises_reward_accuracy_and_reloads_with_plain_peft(tiny_models, pairs_file, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+    result = subprocess.run([sys.executable, SCRIPT, "--model", tiny_models["qwen2_vl"], "--pairs", str(pairs_file),
+                             "--out", str(tmp_path), "--max-steps", "6", "--grad-accum", "2", "--lr", "1e-3",
+                             "--no-4bit", "--beta", "0.1", "--alpha", "1.0"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
+    assert log[0]["margin"] == pytest.approx(0.0, abs=1e-5)  # policy starts equal to the reference
+    assert log[0]["reward_accuracy"] == 0.0 and sum(e["reward_accuracy"] for e in log[-3:]) / 3 > 0.9
+    assert log[-1]["margin"] > 0.3
+    base = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen2_vl"])
+    model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
+    processor = tpo.load_model(tiny_models["qwen2_vl"], four_bit=False, device=torch.device("cpu"))[1]
+    pairs = tpo.load_pairs(str(pairs_file))
+    with torch.no_grad():
+        sums, _ = tpo.rows_logps(model, processor, [tpo.encode_pair(processor, p, 8) for p in pairs], torch.device("cpu"))
+    reference = {json.loads(l)["id"]: json.loads(l)["logps"] for l in open(tmp_path / "reference_logps.rank0.jsonl")}
+    margins = [(sums[2 * i] - reference[p["id"]][0]) - (sums[2 * i + 1] - reference[p["id"]][1]) for i, p in enumerate(pairs)]
+    assert all(m > 0 for m in margins)  # the reloaded adapter prefers every chosen answer over its rejected one
+
+
+def test_starts_from_a_t3_adapter_which_is_also_the_reference(tiny_models, pairs_file, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+    base = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen2_vl"])
+    t3 = get_peft_model(base, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)$", init_lora_weights=False))
+    t3.save_pretrained(tmp_path / "t3")
+    args = tpo.parse_args(["--model", tiny_models["qwen2_vl"], "--adapter", str(tmp_path / "t3"), "--pairs", str(pairs_file),
+                           "--out", str(tmp_path / "out"), "--max-steps", "2", "--grad-accum", "1", "--no-4bit"])
+    model = tpo.train(args)
+    config = json.load(open(tmp_path / "out" / "adapter_config.json"))
+    assert config["r"] == 4  # the T3 adapter, trained further
+    log = [json.loads(l) for l in open(tmp_path / "out" / "train_log.jsonl")]
+    assert log[0]["margin"] == pytest.approx(0.0, abs=1e-5)  # reference == starting policy == base + T3
+    assert list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("case", ["bad_json", "missing_video", "missing_field"])
+def test_bad_pairs_are_one_line(tiny_models, pairs_file, tmp_path, case):
+    good = open(pairs_file).readline()
+    path = tmp_path / "pairs.jsonl"
+    if case == "bad_json":
+        path.write_text(good.replace('"clip0.mp4"', f'"{pairs_file.parent}/clip0.mp4"') + "{nope\n")
+        expect = f"{path}:2: not valid JSON"
+    elif case == "missing_video":
+        path.write_text(good)
+        expect = f"{path}:1: video {tmp_path / 'clip0.mp4'} not found"
+    else:
+        record = json.loads(good)
+        del record["rejected"]
+        path.write_text(json.dumps(record) + "\n")
+        expect = f"{path}:1: pair needs a non-empty 'rejected'"
+    result = subprocess.run([sys.executable, SCRIPT, "--model", tiny_models["qwen2_vl"], "--pairs", str(path),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expect}"), result.stderr[-2000:]
+
+
+def test_importing_does_not_train():
+    assert callable(tpo.main) and not hasattr(tpo, "args")
