@@ -387,7 +387,12 @@ def _block_size(vocab):
     return min(triton.next_power_of_2(vocab), 4096 if os.environ.get("TRITON_INTERPRET") != "1" else 1 << 15)
 
 
-def _logprob_forward(logits, labels, ignore_index, chunk_rows=1024):
+def _chunk_rows(vocab):
+    """Rows per chunk of the PyTorch path: about 64 MiB of float32 at a time."""
+    return max(1, (64 << 20) // (4 * vocab))
+
+
+def _logprob_forward(logits, labels, ignore_index):
     rows, vocab = logits.shape
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -397,15 +402,17 @@ def _logprob_forward(logits, labels, ignore_index, chunk_rows=1024):
         _logprob_forward_kernel[(rows,)](logits, labels, logprobs, lse, vocab, logits.stride(0), ignore_index,
                                          BLOCK=_block_size(vocab))
         return logprobs, lse
-    for start in range(0, rows, chunk_rows):  # PyTorch: float32 copies of one chunk at a time
-        chunk, chunk_labels = logits[start:start + chunk_rows].float(), labels[start:start + chunk_rows]
-        lse[start:start + chunk_rows] = torch.logsumexp(chunk, -1)
+    step = _chunk_rows(vocab)
+    for start in range(0, rows, step):  # PyTorch: float32 copies of one chunk at a time
+        end = min(rows, start + step)
+        chunk, chunk_labels = logits[start:end].float(), labels[start:end]
+        lse[start:end] = torch.logsumexp(chunk, -1)
         target = chunk.gather(1, chunk_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
-        logprobs[start:start + chunk_rows] = torch.where(chunk_labels != ignore_index, target - lse[start:start + chunk_rows], 0.0)
+        logprobs[start:end] = torch.where(chunk_labels != ignore_index, target - lse[start:end], 0.0)
     return logprobs, lse
 
 
-def _logprob_backward(logits, labels, lse, grad_out, ignore_index, chunk_rows=1024):
+def _logprob_backward(logits, labels, lse, grad_out, ignore_index):
     rows, vocab = logits.shape
     grad_logits = torch.empty_like(logits)
     if rows == 0:
@@ -414,12 +421,13 @@ def _logprob_backward(logits, labels, lse, grad_out, ignore_index, chunk_rows=10
         _logprob_backward_kernel[(rows,)](logits, labels, lse, grad_out.contiguous(), grad_logits, vocab, logits.stride(0),
                                           grad_logits.stride(0), ignore_index, BLOCK=_block_size(vocab))
         return grad_logits
-    for start in range(0, rows, chunk_rows):
-        end = min(rows, start + chunk_rows)
-        probs = torch.exp(logits[start:end].float() - lse[start:end, None])
-        one_hot = torch.zeros_like(probs).scatter_(1, labels[start:end].clamp(min=0).unsqueeze(1), 1.0)
+    step = _chunk_rows(vocab)
+    for start in range(0, rows, step):
+        end = min(rows, start + step)
         scale = torch.where(labels[start:end] != ignore_index, grad_out[start:end].float(), 0.0)
-        grad_logits[start:end] = (scale[:, None] * (one_hot - probs)).to(logits.dtype)
+        grad = logits[start:end].float().sub_(lse[start:end, None]).exp_().mul_(-scale[:, None])  # -g * softmax
+        grad.scatter_add_(1, labels[start:end].clamp(min=0).unsqueeze(1), scale.unsqueeze(1))    # + g * one_hot
+        grad_logits[start:end] = grad
     return grad_logits
 
 
