@@ -170,6 +170,25 @@ def test_starts_from_a_t3_adapter_which_is_also_the_reference(tiny_models, pairs
     assert list(model.peft_config) == ["default"]
 
 
+def test_resume_matches_uninterrupted_run(tiny_models, pairs_file, tmp_path):
+    from safetensors.torch import load_file
+    common = [sys.executable, SCRIPT, "--model", tiny_models["llava_onevision"], "--pairs", str(pairs_file),
+              "--max-steps", "4", "--grad-accum", "2", "--save-every", "1", "--lr", "1e-3"]
+    whole = subprocess.run(common + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    first = subprocess.run(common + ["--out", str(tmp_path / "split"), "--stop-after-steps", "2"], capture_output=True, text=True)
+    assert first.returncode == 0 and "continue with --resume" in first.stdout
+    second = subprocess.run(common + ["--out", str(tmp_path / "split"), "--resume"], capture_output=True, text=True)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "reference:" not in second.stderr  # cached reference log-probs were reused, not recomputed
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("whole", "split"))
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "split" / "train_log.jsonl")]
+    assert steps == [1, 2, 3, 4]
+
+
 @pytest.mark.parametrize("case", ["bad_json", "missing_video", "missing_field"])
 def test_bad_pairs_are_one_line(tiny_models, pairs_file, tmp_path, case):
     good = open(pairs_file).readline()
