@@ -212,3 +212,23 @@ def test_bad_pairs_are_one_line(tiny_models, pairs_file, tmp_path, case):
 
 def test_importing_does_not_train():
     assert callable(tpo.main) and not hasattr(tpo, "args")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_compiled_kernel_at_qwen2_vocabulary(dtype):
+    """The compiled kernel (no interpreter) at a real size: 2,048 tokens x 152,064 vocabulary."""
+    assert os.environ.get("TRITON_INTERPRET") != "1"
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(2048, 152064, device="cuda", generator=generator) * 4).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, 152064, (2048,), device="cuda", generator=generator)
+    labels[::7] = -100
+    upstream = torch.randn(2048, device="cuda", generator=generator)
+    out = tpo.token_logprobs(logits, labels)
+    out.backward(upstream)
+    rows = torch.arange(0, 2048, 97, device="cuda")  # a float64 reference on a sample of rows
+    expected, logits64 = reference_logprobs(logits[rows], labels[rows])
+    expected.backward(upstream[rows].double())
+    torch.testing.assert_close(out[rows].double(), expected, rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-2)
+    torch.testing.assert_close(logits.grad[rows].double(), logits64.grad, rtol=1e-2, atol=1e-6 if dtype == torch.float32 else 4e-3)
