@@ -334,6 +334,36 @@ def distributed_setup():
     if world > 1:
         torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     return int(os.environ.get("RANK", 0)), world
+
+
+def start_run(seed):
+    """(rank, world size, device), seeded, in the process group under torchrun."""
+    rank, world = distributed_setup()
+    random.seed(seed)
+    torch.manual_seed(seed)
+    device = pick_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def end_run():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def optimizer_and_schedule(model, args, total_steps):
+    """AdamW over the trainable (LoRA) parameters and a cosine schedule with warmup."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
+    scheduler = cosine_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
+    return trainable, optimizer, scheduler
+
+
+def wrap_for_ddp(model, device, world):
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 # ---- end shared: training ----
 
 
@@ -614,13 +644,8 @@ def pair_batches(count, batch_size, seed, epoch):
 
 def train(args):
     """Train and save the TPO adapter; returns the trained PEFT model (None when stopped early)."""
-    rank, world = distributed_setup()
+    rank, world, device = start_run(args.seed)
     main_process = rank == 0
-    random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    device = pick_device()
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
     pairs = load_pairs(args.pairs, args.video_root)
     if args.resume and not os.path.isdir(os.path.join(args.out, "checkpoint")):
         raise InputError(f"{args.out}/checkpoint: nothing to resume")
@@ -635,13 +660,10 @@ def train(args):
     micro_per_step = args.grad_accum * world
     steps_per_epoch = max(1, len(pair_batches(len(pairs), args.batch_size, args.seed, 0)) // micro_per_step)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    scheduler = cosine_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
+    trainable, optimizer, scheduler = optimizer_and_schedule(model, args, total_steps)
     checkpoint = os.path.join(args.out, "checkpoint")
     step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
-    ddp_model = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else model
+    ddp_model = wrap_for_ddp(model, device, world)
 
     log = open(os.path.join(args.out, "train_log.jsonl"), "a" if args.resume else "w", encoding="utf-8") if main_process else None
     bar = tqdm(total=total_steps, initial=step, desc="tpo", unit="step", disable=not main_process)
@@ -692,13 +714,14 @@ def train(args):
             model.set_adapter("default")
         save_adapter(model, args.out)
         print(f"adapter written to {args.out}")
-    if world > 1:
-        torch.distributed.destroy_process_group()
     return model
 
 
 def main():
-    train(parse_args())
+    try:
+        train(parse_args())
+    finally:
+        end_run()
 
 
 if __name__ == "__main__":
