@@ -208,9 +208,8 @@ def collate(examples, pad_id):
 
 
 # ---- shared: frames (identical copies in every stage that decodes video) ----
-def sample_frames(path, num_frames, indices=None):
-    """uint8 frames [T, H, W, 3] from a video, uniform over the frames that really decode
-    (or exactly `indices`). A container's frame count is checked, never trusted."""
+def open_video(path):
+    """(decord reader, number of frames that really decode); InputError if none do."""
     import decord
     try:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
@@ -219,6 +218,13 @@ def sample_frames(path, num_frames, indices=None):
     total = decodable_frames(reader)
     if total == 0:
         raise InputError(f"{path}: no decodable frames")
+    return reader, total
+
+
+def sample_frames(path, num_frames, indices=None):
+    """uint8 frames [T, H, W, 3] from a video, uniform over the frames that really decode
+    (or exactly `indices`). A container's frame count is checked, never trusted."""
+    reader, total = open_video(path)
     if indices is None:
         indices = uniform_indices(total, num_frames)
     if max(indices) >= total:

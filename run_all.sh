@@ -11,6 +11,10 @@
 #   SCALES      T3 event-count scales (default: "1x 2x")
 #   STEPS       optimizer steps for each training stage (default: 60)
 #   BATCH       records per micro-batch (default: 8)
+#   VIDEOS      videos for TPO pairs: a folder or JSONL (default: sample videos written into $OUT/videos)
+#   NUM_PAIRS   TPO preference pairs to keep (default: 16)
+#   NUM_FRAMES  dense frames per video (default: 8)
+#   TEMPERATURE sampling temperature for pair answers (default: 1.0 for the tiny model, 0 = greedy otherwise)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -26,6 +30,15 @@ mkdir -p "$OUT"
 if [ -z "${MODEL:-}" ]; then
   MODEL="$OUT/tiny-model"
   [ -f "$MODEL/config.json" ] || python tests/tiny_model.py "$MODEL" --arch qwen2_vl
+  # a tiny random model's greedy answers ignore the frames; sampling gives pairs to filter
+  TEMPERATURE=${TEMPERATURE:-1.0}
+fi
+TEMPERATURE=${TEMPERATURE:-0}
+NUM_PAIRS=${NUM_PAIRS:-16}
+NUM_FRAMES=${NUM_FRAMES:-8}
+if [ -z "${VIDEOS:-}" ]; then
+  VIDEOS="$OUT/videos"
+  [ -d "$VIDEOS" ] || python tests/videos.py "$VIDEOS" --count 6 --frames 48
 fi
 echo "== model: $MODEL"
 
@@ -50,6 +63,24 @@ train = [e["loss"] for e in log if e["event"] == "train"]
 evals = [e for e in log if e["event"] == "eval"]
 print(f"   loss {sum(train[:5]) / 5:.3f} -> {sum(train[-5:]) / 5:.3f}; T3 validation accuracy (option text) "
       f"{evals[0]['text']['all']:.3f} -> {evals[-1]['text']['all']:.3f}")
+PY
+
+echo "== 04 TPO preference pairs from $VIDEOS -> $OUT/04"
+rm -rf "$OUT/04"
+python 04_build_pairs.py --model "$MODEL" --adapter "$OUT/03" --videos "$VIDEOS" --out "$OUT/04" \
+  --num-pairs "$NUM_PAIRS" --num-frames "$NUM_FRAMES" --sparse-frames 2 --max-new-tokens 32 \
+  --temperature "$TEMPERATURE" --max-attempts 8 --seed "$SEED"
+
+echo "== 05 TPO (DPO + SFT) from the T3 adapter -> $OUT/05"
+python 05_train_tpo.py --model "$MODEL" --adapter "$OUT/03" --pairs "$OUT/04/pairs.jsonl" --out "$OUT/05" \
+  --max-steps "$STEPS" --grad-accum 2 --lr 1e-3 --num-frames "$NUM_FRAMES" --seed "$SEED"
+python - "$OUT/05/train_log.jsonl" <<'PY'
+import json, sys
+log = [json.loads(line) for line in open(sys.argv[1])]
+first, last = log[:5], log[-5:]
+mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+print(f"   reward accuracy {mean(first, 'reward_accuracy'):.2f} -> {mean(last, 'reward_accuracy'):.2f}; "
+      f"reward margin {mean(first, 'margin'):.3f} -> {mean(last, 'margin'):.3f}")
 PY
 
 echo "== done; outputs under $OUT/"

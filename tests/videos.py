@@ -30,3 +30,22 @@ def write_video(path, frames, fps=8):
         for packet in stream.encode():
             container.mux(packet)
     return str(path)
+
+
+def main():
+    """python tests/videos.py OUT_DIR [--count 6] [--frames 48]: sample videos for an offline run."""
+    import argparse
+    import os
+    p = argparse.ArgumentParser(description="Write small test videos (a square moving over a coloured background).")
+    p.add_argument("out_dir")
+    p.add_argument("--count", type=int, default=6)
+    p.add_argument("--frames", type=int, default=48)
+    args = p.parse_args()
+    os.makedirs(args.out_dir, exist_ok=True)
+    for i in range(args.count):
+        write_video(os.path.join(args.out_dir, f"sample{i:02d}.mp4"), frames_for(args.frames, seed=i))
+    print(f"wrote {args.count} videos to {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

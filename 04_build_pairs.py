@@ -1,0 +1,609 @@
+"""Stage 04: temporal preference pairs that the model builds for itself (TPO).
+
+Localized pairs: the model captions a short segment from that segment's frames, writes a
+question only that segment answers, and answers it twice: from the segment's frames
+(chosen) and from frames that miss the segment (rejected): the rest of the video
+("irrelevant") or a random sparse subset of it ("incomplete"). Comprehensive pairs: a
+question about the whole video, answered from dense frames (chosen) and from sparsely
+downsampled frames (rejected). Cheap rules, then the model as a judge, filter the pairs.
+
+Usage:
+    python 04_build_pairs.py --model M [--adapter DIR] --videos DIR_OR_JSONL --out runs/04
+        [--num-pairs 1000] [--ratio 5:5] [--num-frames 16] [--sparse-frames 4]
+        [--negatives irrelevant,incomplete] [--shard i/n] [--resume]
+    merge shards:  cat runs/04-shard-*/pairs.jsonl > runs/04-merged/pairs.jsonl
+
+Writes OUT/pairs.jsonl (appended as pairs are made), OUT/attempts.jsonl (every attempt
+and why it was dropped; --resume skips finished ones) and OUT/stats.json. Each pair's
+`video` is relative to OUT, so shard folders and the merged folder must be siblings.
+"""
+import argparse
+import difflib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import torch
+from tqdm import tqdm
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".flv")
+CAPTION_PROMPT = "Describe what happens in this video clip in one sentence."
+QUESTION_PROMPT = ('Here is a description of a short moment in a video: "{caption}"\n'
+                   "Write one question about this moment that can only be answered by watching it. "
+                   "Reply with the question only.")
+WHOLE_VIDEO_QUESTIONS = [
+    "What happens in this video, from beginning to end?",
+    "Describe the events of this video in the order they happen.",
+    "How does the scene change over the course of the video?",
+    "What is the sequence of actions in this video?",
+]
+JUDGE_PREFERENCE = ("Question: {question}\n{context}Answer A: {first}\nAnswer B: {second}\n"
+                    "Which answer is more accurate and more specific? Reply with A or B.")
+JUDGE_ANSWERABLE = ('Description of a video moment: "{caption}"\nQuestion: {question}\n'
+                    "Can the question be answered from this description? Reply yes or no.")
+DROP_RULES = ["empty", "identical", "near_identical", "truncated", "judge_prefers_rejected", "unanswerable"]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="model folder or hub id (AutoModelForImageTextToText)")
+    p.add_argument("--adapter", help="a PEFT adapter to apply (e.g. the T3 adapter of stage 03)")
+    p.add_argument("--videos", required=True, help="a folder (searched recursively) or a JSONL of {id, video[, caption, question]}")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num-pairs", type=int, default=1000, help="pairs to keep (in this shard)")
+    p.add_argument("--ratio", default="5:5", help="localized:comprehensive pairs (default 5:5)")
+    p.add_argument("--num-frames", type=int, default=16, help="dense frames: the whole video, and a segment")
+    p.add_argument("--sparse-frames", type=int, default=4, help="frames of a sparse (incomplete) view")
+    p.add_argument("--segment-fraction", type=float, default=0.25, help="length of a localized segment, as a share of the video")
+    p.add_argument("--negatives", default="irrelevant,incomplete", help="rejected views for localized pairs")
+    p.add_argument("--max-attempts", type=float, default=4.0, help="give up after this many attempts per wanted pair")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); above 0: seeded sampling")
+    p.add_argument("--batch-size", type=int, default=4, help="attempts generated together")
+    p.add_argument("--near-identical", type=float, default=0.9, help="drop pairs whose answers are this similar (0-1)")
+    p.add_argument("--no-judge", dest="judge", action="store_false", help="keep the cheap rules only")
+    p.add_argument("--shard", default="0/1", help="i/n: take every n-th video starting at i")
+    p.add_argument("--resume", action="store_true", help="continue OUT/attempts.jsonl, skipping finished attempts")
+    p.add_argument("--no-4bit", dest="four_bit", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        local, comprehensive = (float(x) for x in args.ratio.split(":"))
+        assert local >= 0 and comprehensive >= 0 and local + comprehensive > 0
+    except (ValueError, AssertionError):
+        p.error(f"--ratio must look like 5:5, not {args.ratio!r}")
+    args.local_share = local / (local + comprehensive)
+    args.negatives = [n for n in args.negatives.split(",") if n]
+    if not args.negatives or set(args.negatives) - {"irrelevant", "incomplete"}:
+        p.error("--negatives takes irrelevant and/or incomplete")
+    try:
+        args.shard_index, args.shard_count = (int(x) for x in args.shard.split("/"))
+        assert 0 <= args.shard_index < args.shard_count
+    except (ValueError, AssertionError):
+        p.error(f"--shard must be i/n with 0 <= i < n, not {args.shard!r}")
+    if args.sparse_frames < 1 or args.num_frames < 2 or args.sparse_frames >= args.num_frames:
+        p.error("need 1 <= --sparse-frames < --num-frames")
+    return args
+
+
+# ---- shared: io (identical copies in every stage; tests/test_shared_blocks.py) ----
+class InputError(Exception):
+    """Bad user input; main() prints it as one line and exits non-zero."""
+
+
+def read_jsonl(path):
+    """Yield (line_number, record) for every non-blank line; InputError names file and line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object")
+            yield number, record
+
+
+@contextmanager
+def atomic_write(path, mode="w"):
+    """Write to a temp file beside `path` and rename it into place only on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_main(main):
+    """Run main(); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+# ---- end shared: io ----
+
+
+# ---- shared: model (identical copies in every stage that loads a model) ----
+VISION_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def pick_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_model(path, four_bit=True, device=None):
+    """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
+    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    device = device or pick_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise InputError(f"{path}: no such model folder")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization, device_map={"": device})
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    return model, processor
+
+
+def chat_messages(conversations, with_video=False):
+    """LLaVA turns ({"from": "human"|"gpt", "value"}) as chat-template messages; the video, if
+    any, goes before the first user text, and LLaVA's <video>/<image> placeholders are dropped."""
+    messages = []
+    for turn in conversations:
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}[turn["from"]]
+        text = turn["value"].replace("<video>", "").replace("<image>", "").strip() if role == "user" else turn["value"]
+        parts = [{"type": "text", "text": text}]
+        if with_video and role == "user" and not any(m["role"] == "user" for m in messages):
+            parts.insert(0, {"type": "video"})
+        messages.append({"role": role, "content": parts})
+    return messages
+
+
+def encode(processor, messages, video=None):
+    """Token ids, labels (-100 except assistant turns) and the processor's vision tensors.
+    Each assistant turn is tokenized apart from its prompt, exactly as generation sees it."""
+    tokenizer = processor.tokenizer
+    ids, labels, token_extras, extras, rendered = [], [], {}, {}, ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = processor.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        full = processor.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (prompt.startswith(rendered) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render turns as prefixes of each other")
+        prompt_piece, answer_piece = prompt[len(rendered):], full[len(prompt):]
+        if not rendered:
+            batch = processor(text=[prompt_piece], videos=[video] if video is not None else None, return_tensors="pt")
+            piece = batch.pop("input_ids")[0].tolist()
+            batch.pop("attention_mask", None)
+            for key, value in batch.items():  # token-aligned (e.g. mm_token_type_ids) or per-video tensors
+                (token_extras if value.dim() == 2 and value.shape[1] == len(piece) else extras)[key] = value
+            token_extras = {k: v[0].tolist() for k, v in token_extras.items()}
+        else:
+            piece = tokenizer(prompt_piece, add_special_tokens=False)["input_ids"]
+            for values in token_extras.values():
+                values += [0] * len(piece)
+        answer = tokenizer(answer_piece, add_special_tokens=False)["input_ids"]
+        for values in token_extras.values():
+            values += [0] * len(answer)
+        ids += piece + answer
+        labels += [-100] * len(piece) + answer
+        rendered = full
+    return {"input_ids": ids, "labels": labels, "token_extras": token_extras, "extras": extras}
+
+
+def collate(examples, pad_id):
+    """Right-pad token-aligned fields; concatenate vision tensors in record order."""
+    width = max(len(e["input_ids"]) for e in examples)
+    pad = lambda seq, value: seq + [value] * (width - len(seq))
+    batch = {
+        "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
+        "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
+    }
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([pad(e["labels"], -100) for e in examples])
+    for key in {k for e in examples for k in e["token_extras"]}:
+        batch[key] = torch.tensor([pad(e["token_extras"].get(key, [0] * len(e["input_ids"])), 0) for e in examples])
+    for key in {k for e in examples for k in e["extras"]}:
+        batch[key] = torch.cat([e["extras"][key] for e in examples if key in e["extras"]])
+    return batch
+# ---- end shared: model ----
+
+
+# ---- shared: frames (identical copies in every stage that decodes video) ----
+def open_video(path):
+    """(decord reader, number of frames that really decode); InputError if none do."""
+    import decord
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except (decord.DECORDError, RuntimeError) as e:
+        raise InputError(f"{path}: cannot open video ({str(e).splitlines()[0][:120]})") from None
+    total = decodable_frames(reader)
+    if total == 0:
+        raise InputError(f"{path}: no decodable frames")
+    return reader, total
+
+
+def sample_frames(path, num_frames, indices=None):
+    """uint8 frames [T, H, W, 3] from a video, uniform over the frames that really decode
+    (or exactly `indices`). A container's frame count is checked, never trusted."""
+    reader, total = open_video(path)
+    if indices is None:
+        indices = uniform_indices(total, num_frames)
+    if max(indices) >= total:
+        raise InputError(f"{path}: frame {max(indices)} requested but only {total} decode")
+    return reader.get_batch(list(indices)).asnumpy()
+
+
+def uniform_indices(total, count):
+    """`count` indices spread evenly over range(total), centred in equal bins."""
+    return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
+
+
+def decodable_frames(reader):
+    """The number of frames that actually decode: the container's count if its last frame
+    decodes, else a binary search for the last frame that does."""
+    def decodes(i):
+        try:
+            reader[i].asnumpy()
+            return True
+        except Exception:
+            return False
+    total = len(reader)
+    if total == 0 or decodes(total - 1):
+        return total
+    lo, hi = 0, total - 1  # frame lo decodes (or nothing does), frame hi does not
+    if not decodes(0):
+        return 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if decodes(mid) else (lo, mid)
+    return lo + 1
+# ---- end shared: frames ----
+
+
+# ---------------------------------------------------------------- videos in
+
+def list_videos(source):
+    """[{id, path, caption?, question?}] from a folder (recursively) or a JSONL, sorted by id."""
+    if os.path.isdir(source):
+        videos = [{"id": os.path.relpath(os.path.join(root, name), source), "path": os.path.abspath(os.path.join(root, name))}
+                  for root, _, files in os.walk(source) for name in files if name.lower().endswith(VIDEO_EXTENSIONS)]
+        if not videos:
+            raise InputError(f"{source}: no video files ({' '.join(VIDEO_EXTENSIONS)})")
+    elif os.path.isfile(source):
+        videos = []
+        for number, record in read_jsonl(source):
+            if not isinstance(record.get("id"), (str, int)) or not isinstance(record.get("video"), str):
+                raise InputError(f"{source}:{number}: record needs 'id' and a 'video' path")
+            path = os.path.join(os.path.dirname(os.path.abspath(source)), record["video"])
+            videos.append({"id": str(record["id"]), "path": path,
+                           **{k: record[k] for k in ("caption", "question") if isinstance(record.get(k), str)}})
+        if not videos:
+            raise InputError(f"{source}: no records")
+    else:
+        raise InputError(f"{source}: no such folder or file")
+    ids = [v["id"] for v in videos]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"{source}: duplicate video ids")
+    return sorted(videos, key=lambda v: v["id"])
+
+
+def usable_videos(videos, min_frames, show):
+    """Videos whose frames decode, with their real frame count; one warning line per bad one."""
+    usable, bad = [], []
+    for video in tqdm(videos, desc="probe videos", unit="video", disable=not show):
+        try:
+            total = open_video(video["path"])[1]
+            if total < min_frames:
+                raise InputError(f"{video['path']}: only {total} decodable frames, need {min_frames}")
+            usable.append(dict(video, frames=total))
+        except InputError as e:
+            print(f"warning: skipping {e}", file=sys.stderr)
+            bad.append(video["id"])
+    return usable, bad
+
+
+# ---------------------------------------------------------------- attempts: which frames each answer sees
+
+def slot_kind(slot, local_share):
+    """Localized or comprehensive, interleaved evenly at the asked ratio (independent of results)."""
+    return "localized" if int((slot + 1) * local_share) > int(slot * local_share) else "comprehensive"
+
+
+def plan_attempt(slot, video, args):
+    """Everything random about one attempt, from (seed, slot) alone."""
+    rng = random.Random(f"{args.seed}:{slot}")
+    total, dense = video["frames"], args.num_frames
+    attempt = {"slot": slot, "kind": slot_kind(slot, args.local_share), "video": video}
+    train = uniform_indices(total, dense)
+    if attempt["kind"] == "comprehensive":
+        question = video.get("question") or rng.choice(WHOLE_VIDEO_QUESTIONS)
+        sparse = uniform_indices(total, args.sparse_frames)
+        attempt.update(negative="incomplete", question=question, frames={"train": train, "chosen": train, "rejected": sparse})
+    else:
+        length = max(2, round(total * args.segment_fraction))
+        start = rng.randrange(0, total - length + 1)
+        segment = [start, start + length]  # frames [start, end)
+        inside = [start + i for i in uniform_indices(length, min(length, dense))]
+        outside = [i for i in range(total) if not start <= i < start + length]
+        negative = rng.choice(args.negatives)
+        if negative == "irrelevant":
+            rejected = [outside[i] for i in uniform_indices(len(outside), min(len(outside), dense))]
+        else:
+            rejected = sorted(rng.sample(outside, min(len(outside), args.sparse_frames)))
+        if not any(start <= i < start + length for i in train):  # the training view must show the segment
+            train[min(range(dense), key=lambda k: abs(train[k] - (start + length // 2)))] = start + length // 2
+            train.sort()
+        attempt.update(negative=negative, segment=segment, frames={"train": train, "chosen": inside, "rejected": rejected,
+                                                                     "segment": segment})
+    attempt["id"] = f"{video['id']}:{attempt['kind']}:{slot}"
+    attempt["judge_order"] = rng.random() < 0.5  # whether the chosen answer is shown to the judge first
+    return attempt
+
+
+# ---------------------------------------------------------------- the model, batched
+
+def user_prompt(processor, text, with_video):
+    content = ([{"type": "video"}] if with_video else []) + [{"type": "text", "text": text}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
+
+
+def batched(requests, batch_size):
+    """Groups of request indices with the same number of frames (some processors stack videos)."""
+    by_shape = {}
+    for i, (frames, _) in enumerate(requests):
+        by_shape.setdefault(None if frames is None else len(frames), []).append(i)
+    for indices in by_shape.values():
+        for start in range(0, len(indices), batch_size):
+            yield indices[start:start + batch_size]
+
+
+def model_inputs(processor, requests, indices, device):
+    texts = [user_prompt(processor, requests[i][1], requests[i][0] is not None) for i in indices]
+    videos = [requests[i][0] for i in indices] if requests[indices[0]][0] is not None else None
+    return processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(device)
+
+
+@torch.no_grad()
+def generate(model, processor, requests, args, device):
+    """[(text, truncated)] for requests [(frames or None, prompt)]: greedy, batched."""
+    results = [None] * len(requests)
+    eos = processor.tokenizer.eos_token_id
+    for indices in batched(requests, args.batch_size):
+        inputs = model_inputs(processor, requests, indices, device)
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0} if args.temperature > 0 else {"do_sample": False}
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **sampling)
+        for i, row in zip(indices, output[:, inputs["input_ids"].shape[1]:].tolist()):
+            ended = eos in row
+            row = row[:row.index(eos)] if ended else row
+            results[i] = (processor.tokenizer.decode(row, skip_special_tokens=True).strip(), not ended)
+    return results
+
+
+@torch.no_grad()
+def choice_logprobs(model, processor, prompts, choices, args, device):
+    """For each text prompt, the log-probability of each choice's first token as the reply."""
+    ids = [processor.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
+    requests = [(None, p) for p in prompts]
+    scores = [None] * len(prompts)
+    for indices in batched(requests, args.batch_size):
+        inputs = model_inputs(processor, requests, indices, device)
+        last = torch.log_softmax(model(**inputs).logits[:, -1].float(), -1)[:, ids]
+        for i, row in zip(indices, last.tolist()):
+            scores[i] = row
+    return scores
+
+
+def hash_seed(*parts):
+    return int.from_bytes(random.Random(":".join(map(str, parts))).randbytes(4), "big")
+
+
+def similarity(a, b):
+    return difflib.SequenceMatcher(None, a.lower().split(), b.lower().split()).ratio()
+
+
+def run_attempts(model, processor, attempts, args, device):
+    """Generate captions, questions and both answers for a group of attempts, then filter them.
+    Returns one result per attempt: the pair record, or the rule that dropped it."""
+    local = [a for a in attempts if a["kind"] == "localized"]
+    frames_of = {}
+    def frames(a, which):
+        key = (a["id"], which)
+        if key not in frames_of:
+            frames_of[key] = sample_frames(a["video"]["path"], 0, a["frames"][which])
+        return frames_of[key]
+    captions = generate(model, processor, [(frames(a, "chosen"), CAPTION_PROMPT) for a in local], args, device)
+    for a, (caption, _) in zip(local, captions):
+        a["caption"] = caption
+    questions = generate(model, processor, [(None, QUESTION_PROMPT.format(caption=a["caption"])) for a in local], args, device)
+    for a, (question, _) in zip(local, questions):
+        a["question"] = question
+    asked = [a for a in attempts if a["question"].strip()]
+    answers = generate(model, processor, [(frames(a, side), a["question"]) for a in asked for side in ("chosen", "rejected")],
+                       args, device)
+    for n, a in enumerate(asked):
+        (a["chosen"], chosen_cut), (a["rejected"], rejected_cut) = answers[2 * n], answers[2 * n + 1]
+        a["truncated"] = chosen_cut or rejected_cut
+    for a in attempts:  # cheap rules first
+        if not a["question"].strip() or not a.get("chosen") or not a.get("rejected") or (a["kind"] == "localized" and not a["caption"]):
+            a["dropped_by"] = "empty"
+        elif a["chosen"] == a["rejected"]:
+            a["dropped_by"] = "identical"
+        elif similarity(a["chosen"], a["rejected"]) >= args.near_identical:
+            a["dropped_by"] = "near_identical"
+        elif a["truncated"]:
+            a["dropped_by"] = "truncated"
+        else:
+            a["dropped_by"] = None
+    judged = [a for a in attempts if a["dropped_by"] is None]
+    if args.judge and judged:
+        prompts = []
+        for a in judged:
+            first, second = (a["chosen"], a["rejected"]) if a["judge_order"] else (a["rejected"], a["chosen"])
+            context = f'Description of the moment: "{a["caption"]}"\n' if a["kind"] == "localized" else ""
+            prompts.append(JUDGE_PREFERENCE.format(question=a["question"], context=context, first=first, second=second))
+        for a, (score_a, score_b) in zip(judged, choice_logprobs(model, processor, prompts, ["A", "B"], args, device)):
+            a["judge_margin"] = (score_a - score_b) if a["judge_order"] else (score_b - score_a)
+            if a["judge_margin"] < 0:
+                a["dropped_by"] = "judge_prefers_rejected"
+        local_judged = [a for a in judged if a["kind"] == "localized" and a["dropped_by"] is None]
+        prompts = [JUDGE_ANSWERABLE.format(caption=a["caption"], question=a["question"]) for a in local_judged]
+        for a, (yes, no) in zip(local_judged, choice_logprobs(model, processor, prompts, ["yes", "no"], args, device)):
+            a["answerable_margin"] = yes - no
+            if yes < no:
+                a["dropped_by"] = "unanswerable"
+    return attempts
+
+
+def pair_record(a, out_dir):
+    record = {"id": a["id"], "video": os.path.relpath(a["video"]["path"], os.path.abspath(out_dir)),
+              "prompt": a["question"], "chosen": a["chosen"], "rejected": a["rejected"],
+              "kind": a["kind"], "negative": a["negative"], "frames": a["frames"],
+              "num_video_frames": a["video"]["frames"], "question": a["question"]}
+    if a["kind"] == "localized":
+        record["caption"] = a["caption"]
+    for key in ("judge_margin", "answerable_margin"):
+        if key in a:
+            record[key] = round(a[key], 4)
+    return record
+
+
+# ---------------------------------------------------------------- logs that survive a kill
+
+def read_log(path):
+    """Records of an append-only log; a torn last line (a kill mid-write) is ignored."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    return records
+
+
+def restore(out_dir):
+    """Finished attempts and kept pairs from an earlier run, made consistent with each other:
+    a pair counts only if its attempt is logged, and a kept attempt only if its pair is there."""
+    pairs = {p["id"]: p for p in read_log(os.path.join(out_dir, "pairs.jsonl"))}
+    attempts = [a for a in read_log(os.path.join(out_dir, "attempts.jsonl")) if a["kept"] is False or a["id"] in pairs]
+    kept = {a["id"] for a in attempts if a["kept"]}
+    return attempts, [p for pid, p in pairs.items() if pid in kept]
+
+
+def rewrite(path, records):
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def write_stats(out_dir, attempts, bad_videos, targets, seconds, made):
+    kept = [a for a in attempts if a["kept"]]
+    stats = {"attempts": len(attempts), "kept": len(kept), "targets": targets,
+             "kept_by_kind": {k: sum(a["kind"] == k for a in kept) for k in ("localized", "comprehensive")},
+             "kept_by_negative": {n: sum(a["negative"] == n for a in kept) for n in ("irrelevant", "incomplete")},
+             "dropped_by": {rule: sum(a["dropped_by"] == rule for a in attempts) for rule in DROP_RULES},
+             "skipped_videos": len(bad_videos), "skipped_video_ids": bad_videos,
+             "seconds_this_run": round(seconds, 1), "pairs_made_this_run": made,
+             "pairs_per_hour_this_run": round(made * 3600 / seconds, 1) if seconds > 0 else None}
+    with atomic_write(os.path.join(out_dir, "stats.json")) as f:
+        json.dump(stats, f, indent=2)
+    return stats
+
+
+def main():
+    args = parse_args()
+    videos = list_videos(args.videos)[args.shard_index::args.shard_count]
+    if not videos:
+        raise InputError(f"{args.videos}: no videos in shard {args.shard}")
+    os.makedirs(args.out, exist_ok=True)
+    attempts_path, pairs_path = os.path.join(args.out, "attempts.jsonl"), os.path.join(args.out, "pairs.jsonl")
+    if not args.resume and os.path.exists(attempts_path):
+        raise InputError(f"{args.out}: already holds attempts.jsonl; pass --resume to continue or choose another --out")
+    done, pairs = restore(args.out) if args.resume else ([], [])
+    rewrite(attempts_path, done)
+    rewrite(pairs_path, pairs)
+
+    usable, bad = usable_videos(videos, min_frames=max(8, args.sparse_frames + 4), show=True)
+    if not usable:
+        raise InputError(f"{args.videos}: no readable videos ({len(bad)} skipped)")
+    device = pick_device()
+    model, processor = load_model(args.model, args.four_bit, device)
+    if args.adapter:
+        from peft import PeftModel
+        if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+            raise InputError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, args.adapter)
+    model.eval()
+    processor.tokenizer.padding_side = "left"
+
+    local_target = round(args.num_pairs * args.local_share)
+    targets = {"localized": local_target, "comprehensive": args.num_pairs - local_target}
+    kept = {k: sum(a["kept"] and a["kind"] == k for a in done) for k in targets}
+    finished = {a["slot"] for a in done}
+    max_slots = int(args.max_attempts * args.num_pairs)
+    began = time.perf_counter()
+    bar = tqdm(total=args.num_pairs, initial=sum(kept.values()), desc="pairs kept", unit="pair")
+    slot = 0
+    while slot < max_slots and any(kept[k] < targets[k] for k in targets):
+        group = []
+        for s in range(slot, min(max_slots, slot + args.batch_size)):  # fixed slot groups: a resume regroups alike
+            if s not in finished and kept[slot_kind(s, args.local_share)] < targets[slot_kind(s, args.local_share)]:
+                group.append(plan_attempt(s, usable[s % len(usable)], args))
+        slot += args.batch_size
+        if not group:
+            continue
+        torch.manual_seed(hash_seed(args.seed, slot))  # sampling depends only on the seed and the group
+        results = run_attempts(model, processor, group, args, device)
+        new_pairs, logged = [], []
+        for a in results:
+            keep = a["dropped_by"] is None and kept[a["kind"]] < targets[a["kind"]]
+            kept[a["kind"]] += keep
+            logged.append({"slot": a["slot"], "id": a["id"], "kind": a["kind"], "negative": a["negative"],
+                           "kept": keep, "dropped_by": a["dropped_by"]})
+            if keep:
+                new_pairs.append(pair_record(a, args.out))
+        with open(pairs_path, "a", encoding="utf-8") as f:  # pairs first: an unlogged pair is dropped on resume
+            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in new_pairs)
+        with open(attempts_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in logged)
+        done += logged
+        bar.update(len(new_pairs))
+        bar.set_postfix(tried=len(done))
+    bar.close()
+    made = sum(kept.values()) - len(pairs)
+    stats = write_stats(args.out, done, bad, targets, time.perf_counter() - began, made)
+    print(f"kept {stats['kept']} of {stats['attempts']} attempts ({stats['kept_by_kind']}); dropped {stats['dropped_by']}; "
+          f"pairs in {pairs_path}")
+    if stats["kept"] == 0:
+        raise InputError(f"{args.out}: no pair survived the filters ({stats['dropped_by']})")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,177 @@
+"""Stage 04: frame indices per pair, the ratio, filters, resume after a kill, shards, bad videos."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, load_stage
+from videos import frames_for, write_video
+
+pairs_stage = load_stage("04_build_pairs.py")
+SCRIPT = os.path.join(REPO, "04_build_pairs.py")
+
+
+@pytest.fixture(scope="module")
+def video_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("videos")
+    (folder / "nested").mkdir()
+    for i in range(3):
+        write_video(folder / ("nested" if i == 2 else ".") / f"clip{i}.mp4", frames_for(40, seed=i))
+    (folder / "broken.mp4").write_bytes(b"not a video" * 40)
+    (folder / "notes.txt").write_text("not a video either")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def t3_adapter(tiny_models, tmp_path_factory):
+    """A briefly T3-tuned adapter, so the tiny model ends its answers (as the pipeline runs it)."""
+    data, out = tmp_path_factory.mktemp("t3"), tmp_path_factory.mktemp("adapter")
+    subprocess.run([sys.executable, os.path.join(REPO, "01_synthesize.py"), "--out", str(data), "--num-train", "200",
+                    "--num-val", "8", "--scales", "1x"], check=True, capture_output=True)
+    subprocess.run([sys.executable, os.path.join(REPO, "03_train_t3.py"), "--model", tiny_models["qwen2_vl"], "--train",
+                    str(data / "t3_train.jsonl"), "--out", str(out), "--max-steps", "25", "--batch-size", "8",
+                    "--grad-accum", "1", "--lr", "3e-3"], check=True, capture_output=True)
+    return out
+
+
+def build(tiny_models, adapter, videos, out, *extra):
+    return subprocess.run([sys.executable, SCRIPT, "--model", tiny_models["qwen2_vl"], "--adapter", str(adapter),
+                           "--videos", str(videos), "--out", str(out), "--num-frames", "8", "--sparse-frames", "2",
+                           "--max-new-tokens", "24", "--temperature", "1.0", "--batch-size", "4", *map(str, extra)],
+                          capture_output=True, text=True)
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_planned_frames_include_or_exclude_the_segment():
+    args = pairs_stage.parse_args(["--model", "m", "--videos", "v", "--out", "o", "--num-frames", "8", "--sparse-frames", "3"])
+    video = {"id": "a.mp4", "path": "/x/a.mp4", "frames": 57}
+    kinds = set()
+    for slot in range(200):
+        a = pairs_stage.plan_attempt(slot, video, args)
+        f = a["frames"]
+        assert len(f["train"]) == 8 and all(0 <= i < 57 for i in f["train"] + f["chosen"] + f["rejected"])
+        kinds.add((a["kind"], a["negative"]))
+        if a["kind"] == "localized":
+            start, end = a["segment"]
+            inside = lambda i: start <= i < end
+            assert f["chosen"] and all(inside(i) for i in f["chosen"])
+            assert not any(inside(i) for i in f["rejected"])
+            assert any(inside(i) for i in f["train"])  # the training view shows the segment
+            if a["negative"] == "incomplete":
+                assert len(f["rejected"]) == 3
+        else:
+            assert f["chosen"] == f["train"] and len(f["rejected"]) == 3
+    assert kinds == {("localized", "irrelevant"), ("localized", "incomplete"), ("comprehensive", "incomplete")}
+    assert pairs_stage.plan_attempt(7, video, args) == pairs_stage.plan_attempt(7, video, args)  # seeded
+
+
+@pytest.mark.parametrize("ratio,share", [("5:5", 0.5), ("7:3", 0.7), ("1:0", 1.0)])
+def test_slot_kinds_follow_the_ratio(ratio, share):
+    args = pairs_stage.parse_args(["--model", "m", "--videos", "v", "--out", "o", "--ratio", ratio])
+    kinds = [pairs_stage.slot_kind(s, args.local_share) for s in range(100)]
+    assert kinds.count("localized") == round(100 * share)
+    assert all(abs(kinds[:n].count("localized") - n * share) <= 1 for n in range(1, 100))  # interleaved, not blocked
+
+
+def test_filters_drop_what_they_claim(monkeypatch):
+    args = pairs_stage.parse_args(["--model", "m", "--videos", "v", "--out", "o", "--num-frames", "8", "--sparse-frames", "2"])
+    video = {"id": "a.mp4", "path": "a.mp4", "frames": 40}
+    attempts = [pairs_stage.plan_attempt(s, video, args) for s in range(8)]
+    for a in attempts:
+        a["kind"], a["question"] = "comprehensive", "What happens?"
+    attempts[6]["kind"] = attempts[7]["kind"] = "localized"
+    attempts[6]["caption"] = attempts[7]["caption"] = "A square moves."
+    answers = [("", False), ("x", False),                                # empty
+               ("a dog runs", False), ("a dog runs", False),              # identical
+               ("a big red dog runs fast", False), ("a big red dog runs fast now", False),  # near identical
+               ("a square moves", True), ("nothing", False),              # truncated
+               ("good answer", False), ("bad answer", False),             # judge prefers rejected
+               ("the square moves right", False), ("it is dark", False),  # kept
+               ("left to right", False), ("no idea", False),              # localized: unanswerable
+               ("a square slides", False), ("blank", False)]              # localized: kept
+    calls = iter([[("A square moves.", False)] * 2, [("What happens?", False)] * 2, answers])
+    monkeypatch.setattr(pairs_stage, "generate", lambda *a, **k: next(calls))
+    monkeypatch.setattr(pairs_stage, "sample_frames", lambda *a, **k: None)
+    def judge(model, processor, prompts, choices, args, device):
+        if choices == ["A", "B"]:  # prefer the rejected answer of attempt 4 only
+            return [((-1.0, 0.0) if a["judge_order"] else (0.0, -1.0)) if a is attempts[4] else
+                    ((0.0, -1.0) if a["judge_order"] else (-1.0, 0.0)) for a in [x for x in attempts if x["dropped_by"] is None]]
+        return [(-2.0, -1.0), (-1.0, -2.0)]  # attempt 6 unanswerable, attempt 7 answerable
+    monkeypatch.setattr(pairs_stage, "choice_logprobs", judge)
+    results = pairs_stage.run_attempts(None, None, attempts, args, None)
+    assert [a["dropped_by"] for a in results] == ["empty", "identical", "near_identical", "truncated",
+                                                  "judge_prefers_rejected", None, "unanswerable", None]
+
+
+def test_builds_pairs_with_ratio_stats_and_bad_video_skipped(tiny_models, t3_adapter, video_dir, tmp_path):
+    result = build(tiny_models, t3_adapter, video_dir, tmp_path, "--num-pairs", "4", "--no-judge", "--max-attempts", "6")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stderr.count("warning: skipping") == 1 and "broken.mp4" in result.stderr
+    pairs = read(tmp_path / "pairs.jsonl")
+    stats = json.load(open(tmp_path / "stats.json"))
+    assert stats["kept_by_kind"] == {"localized": 2, "comprehensive": 2} and len(pairs) == 4
+    assert stats["skipped_videos"] == 1 and stats["attempts"] == len(read(tmp_path / "attempts.jsonl"))
+    assert sum(stats["dropped_by"].values()) == stats["attempts"] - stats["kept"]
+    for pair in pairs:
+        assert os.path.isfile(tmp_path / pair["video"])  # relative to the pairs file
+        assert pair["chosen"] != pair["rejected"] and pair["prompt"] == pair["question"]
+        assert set(pair) >= {"id", "video", "prompt", "chosen", "rejected", "kind", "negative", "frames"}
+        if pair["kind"] == "localized":
+            start, end = pair["frames"]["segment"]
+            assert all(start <= i < end for i in pair["frames"]["chosen"]) and pair["caption"]
+            assert not any(start <= i < end for i in pair["frames"]["rejected"])
+    # the pairs feed stage 05 as they are
+    tpo = load_stage("05_train_tpo.py")
+    assert len(tpo.load_pairs(str(tmp_path / "pairs.jsonl"))) == 4
+
+
+def test_resume_after_a_kill_gives_the_same_pairs(tiny_models, t3_adapter, video_dir, tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert build(tiny_models, t3_adapter, video_dir, whole, "--num-pairs", "6").returncode == 0
+    assert build(tiny_models, t3_adapter, video_dir, killed, "--num-pairs", "6").returncode == 0
+    # a kill after the first group: later groups never written, the last pair not yet logged, a torn line
+    attempts = (killed / "attempts.jsonl").read_text().splitlines(keepends=True)
+    first_group = [line for line in attempts if json.loads(line)["slot"] < 4]
+    (killed / "attempts.jsonl").write_text("".join(first_group) + '{"slot": 4, "id"')
+    kept_ids = {json.loads(line)["id"] for line in first_group if json.loads(line)["kept"]}
+    pairs = [line for line in (killed / "pairs.jsonl").read_text().splitlines(keepends=True)]
+    orphan = next((line for line in pairs if json.loads(line)["id"] not in kept_ids), None)
+    (killed / "pairs.jsonl").write_text("".join(line for line in pairs if json.loads(line)["id"] in kept_ids) + (orphan or ""))
+    again = build(tiny_models, t3_adapter, video_dir, killed, "--num-pairs", "6", "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = read(whole / "pairs.jsonl"), read(killed / "pairs.jsonl")
+    assert len({p["id"] for p in b}) == len(b)  # no duplicates
+    assert sorted(a, key=lambda p: p["id"]) == sorted(b, key=lambda p: p["id"])
+    refused = build(tiny_models, t3_adapter, video_dir, killed, "--num-pairs", "6")
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+
+
+def test_shards_are_disjoint_and_cover(video_dir, tmp_path):
+    videos = pairs_stage.list_videos(str(video_dir))
+    assert [v["id"] for v in videos] == ["broken.mp4", "clip0.mp4", "clip1.mp4", "nested/clip2.mp4"]
+    shards = [videos[i::3] for i in range(3)]
+    ids = [v["id"] for shard in shards for v in shard]
+    assert sorted(ids) == sorted(v["id"] for v in videos) and len(set(ids)) == len(ids)
+    listing = tmp_path / "videos.jsonl"
+    listing.write_text("".join(json.dumps({"id": f"v{i}", "video": os.path.relpath(video_dir / f"clip{i}.mp4", tmp_path),
+                                           "question": "What moves?"}) + "\n" for i in range(2)))
+    from_jsonl = pairs_stage.list_videos(str(listing))
+    assert [v["id"] for v in from_jsonl] == ["v0", "v1"] and from_jsonl[0]["question"] == "What moves?"
+    assert os.path.isfile(from_jsonl[1]["path"])
+
+
+def test_no_readable_video_or_missing_model_is_a_clear_error(tiny_models, video_dir, tmp_path):
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "bad.mp4").write_bytes(b"junk" * 100)
+    result = subprocess.run([sys.executable, SCRIPT, "--model", tiny_models["qwen2_vl"], "--videos", str(tmp_path / "v"),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'v'}: no readable videos (1 skipped)"
+    assert "Traceback" not in result.stderr
+    missing = subprocess.run([sys.executable, SCRIPT, "--model", str(tmp_path / "nope"), "--videos", str(video_dir),
+                              "--out", str(tmp_path / "out2")], capture_output=True, text=True)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: no such model folder"
