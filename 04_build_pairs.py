@@ -430,7 +430,7 @@ def similarity(a, b):
 
 def run_attempts(model, processor, attempts, args, device):
     """Generate captions, questions and both answers for a group of attempts, then filter them.
-    Returns one result per attempt: the pair record, or the rule that dropped it."""
+    Returns the attempts, each with `dropped_by`: the rule that dropped it, or None if kept."""
     local = [a for a in attempts if a["kind"] == "localized"]
     frames_of = {}
     def frames(a, which):
@@ -439,17 +439,17 @@ def run_attempts(model, processor, attempts, args, device):
             frames_of[key] = sample_frames(a["video"]["path"], 0, a["frames"][which])
         return frames_of[key]
     captions = generate(model, processor, [(frames(a, "chosen"), CAPTION_PROMPT) for a in local], args, device)
-    for a, (caption, _) in zip(local, captions):
-        a["caption"] = caption
+    for a, (caption, cut) in zip(local, captions):
+        a["caption"], a["truncated"] = caption, cut
     questions = generate(model, processor, [(None, QUESTION_PROMPT.format(caption=a["caption"])) for a in local], args, device)
-    for a, (question, _) in zip(local, questions):
-        a["question"] = question
+    for a, (question, cut) in zip(local, questions):
+        a["question"], a["truncated"] = question, a["truncated"] or cut
     asked = [a for a in attempts if a["question"].strip()]
     answers = generate(model, processor, [(frames(a, side), a["question"]) for a in asked for side in ("chosen", "rejected")],
                        args, device)
     for n, a in enumerate(asked):
         (a["chosen"], chosen_cut), (a["rejected"], rejected_cut) = answers[2 * n], answers[2 * n + 1]
-        a["truncated"] = chosen_cut or rejected_cut
+        a["truncated"] = a.get("truncated", False) or chosen_cut or rejected_cut
     for a in attempts:  # cheap rules first
         if not a["question"].strip() or not a.get("chosen") or not a.get("rejected") or (a["kind"] == "localized" and not a["caption"]):
             a["dropped_by"] = "empty"
