@@ -473,12 +473,13 @@ def optimizer_and_schedule(model, args, total_steps):
     scheduler = cosine_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
     return trainable, optimizer, scheduler
 
+# ---- end shared: training ----
+
 
 def wrap_for_ddp(model, device, world):
     if world == 1:
         return model
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-# ---- end shared: training ----
 
 
 def prepare_lora(model, args):

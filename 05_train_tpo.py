@@ -26,7 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from tqdm import tqdm
@@ -365,11 +365,6 @@ def optimizer_and_schedule(model, args, total_steps):
     scheduler = cosine_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
     return trainable, optimizer, scheduler
 
-
-def wrap_for_ddp(model, device, world):
-    if world == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 # ---- end shared: training ----
 
 
@@ -641,6 +636,17 @@ def prepare_policy(model, args):
     return model
 
 
+def average_gradients(params, world):
+    """Mean of the gradients over processes. The forward above is the stage's own (one vision
+    pass per pair, response-only head), not a DistributedDataParallel forward, so the
+    gradients are reduced here explicitly."""
+    if world == 1:
+        return
+    for param in params:
+        torch.distributed.all_reduce(param.grad)
+        param.grad /= world
+
+
 def pair_batches(count, batch_size, seed, epoch):
     rng = random.Random(f"{seed}:epoch:{epoch}")
     order = list(range(count))
@@ -669,7 +675,6 @@ def train(args):
     trainable, optimizer, scheduler = optimizer_and_schedule(model, args, total_steps)
     checkpoint = os.path.join(args.out, "checkpoint")
     step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
-    ddp_model = wrap_for_ddp(model, device, world)
 
     log = open(os.path.join(args.out, "train_log.jsonl"), "a" if args.resume else "w", encoding="utf-8") if main_process else None
     bar = tqdm(total=total_steps, initial=step, desc="tpo", unit="step", disable=not main_process)
@@ -682,17 +687,15 @@ def train(args):
                 break
             began, totals = time.perf_counter(), {}
             mine = batches[start + rank:start + micro_per_step:world]
-            for n, micro in enumerate(mine):
-                sync = nullcontext() if world == 1 or n == len(mine) - 1 else ddp_model.no_sync()
-                with sync:
-                    sums, counts = rows_logps(ddp_model.module if world > 1 else model, processor,
-                                              [encoded[i] for i in micro], device)
-                    ref = torch.tensor([reference[str(pairs[i]["id"])] for i in micro], device=device)
-                    loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[:, 0], ref[:, 1],
-                                             -sums[0::2] / counts[0::2].clamp(min=1), args.beta, args.alpha)
-                    (loss / len(mine)).backward()
+            for micro in mine:
+                sums, counts = rows_logps(model, processor, [encoded[i] for i in micro], device)
+                ref = torch.tensor([reference[str(pairs[i]["id"])] for i in micro], device=device)
+                loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[:, 0], ref[:, 1],
+                                         -sums[0::2] / counts[0::2].clamp(min=1), args.beta, args.alpha)
+                (loss / len(mine)).backward()
                 for key, value in dict(metrics, loss=loss.item()).items():
                     totals[key] = totals.get(key, 0.0) + value / len(mine)
+            average_gradients(trainable, world)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
             optimizer.step()
             scheduler.step()

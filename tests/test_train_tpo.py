@@ -189,6 +189,27 @@ def test_resume_matches_uninterrupted_run(tiny_models, pairs_file, tmp_path):
     assert steps == [1, 2, 3, 4]
 
 
+def test_two_processes_equal_one_with_twice_the_accumulation(tiny_models, pairs_file, tmp_path):
+    """Under torchrun each process takes every other pair of a step and the gradients are averaged,
+    so 2 processes x 1 pair per step train the same adapter as 1 process x 2 pairs."""
+    from safetensors.torch import load_file
+    common = [SCRIPT, "--model", tiny_models["qwen2_vl"], "--pairs", str(pairs_file), "--max-steps", "3",
+              "--lr", "1e-3", "--no-4bit", "--no-gradient-checkpointing"]
+    single = subprocess.run([sys.executable, *common, "--grad-accum", "2", "--out", str(tmp_path / "one")],
+                            capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *common,
+                             "--grad-accum", "1", "--out", str(tmp_path / "two")], capture_output=True, text=True)
+    assert double.returncode == 0, double.stderr[-2000:]
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("one", "two"))
+    assert a.keys() == b.keys()
+    moved = 0
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+        moved += int(not torch.equal(a[key], torch.zeros_like(a[key])))
+    assert moved > 0
+
+
 @pytest.mark.parametrize("case", ["bad_json", "missing_video", "missing_field"])
 def test_bad_pairs_are_one_line(tiny_models, pairs_file, tmp_path, case):
     good = open(pairs_file).readline()
