@@ -1,0 +1,828 @@
+"""Stage 02: where is the temporal bottleneck, the vision encoder or the language model?
+
+Renders synthetic probe videos (coloured shapes that appear, move, grow or change light),
+one family per temporal aspect, with a frame-by-frame text description made from the same
+scene state. Then, per aspect, three accuracies on the test split:
+  (i)   probes (linear, and a small GRU over frames) trained on the model's own visual
+        encodings, pooled per frame: does the vision side carry the temporal signal?
+  (ii)  the language model answering from the text description alone;
+  (iii) the video LLM answering from the video.
+Probes >> text LLM means the language model, not the vision encoder, is the bottleneck.
+Train and test videos differ in shapes and background colours, so a probe cannot win by
+remembering appearance.
+
+Usage:
+    python 02_probe.py --model M [--adapter DIR] --out runs/02 [--num-videos 150] [--num-frames 16]
+        [--seeds 3] [--generate] [--shard i/n]
+    merge shards:  python 02_probe.py --merge runs/02-shard-* --out runs/02
+
+Writes OUT/videos/<aspect>/*.mp4, OUT/videos.jsonl (every video, its label and description),
+OUT/features.safetensors (pooled visual encodings; reused on a rerun), OUT/answers.jsonl,
+OUT/probe_bench.jsonl (the test videos as a benchmark stage 06 reads), OUT/report.json and
+OUT/report.md.
+"""
+import argparse
+import inspect
+import itertools
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+COLOURS = {"red": (225, 40, 40), "green": (40, 190, 60), "blue": (50, 90, 235), "yellow": (235, 205, 40)}
+SHAPES = {"train": ("square", "circle"), "test": ("triangle", "diamond")}  # irrelevant to every question
+BACKGROUNDS = {"train": ((25, 25, 25), (20, 35, 60)), "test": ((60, 45, 20), (45, 20, 50))}
+RENDERED_FRAMES = 32  # frames written per video (8 fps); the model sees --num-frames of them
+FRAME_SIDE = 64
+TEST_SHARE = 1 / 3
+THIRDS = ("beginning", "middle", "end")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="model folder or hub id (AutoModelForImageTextToText)")
+    p.add_argument("--adapter", help="a PEFT adapter for the language model (e.g. stage 03's)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--aspects", default=",".join(ASPECTS), help="comma-separated subset of: " + ", ".join(ASPECTS))
+    p.add_argument("--num-videos", type=int, default=150, help="videos per aspect; a third of them form the test split")
+    p.add_argument("--num-frames", type=int, default=16, help="frames the model sees per video")
+    p.add_argument("--seeds", type=int, default=3, help="probe trainings per aspect and probe kind")
+    p.add_argument("--generate", action="store_true", help="also score greedy replies (letter extracted)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--shard", default="0/1", help="i/n: render, encode and ask about every n-th video")
+    p.add_argument("--merge", nargs="+", metavar="DIR", help="join shard folders into --out, train the probes, report")
+    p.add_argument("--no-4bit", dest="four_bit", action="store_false")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not args.merge and not args.model:
+        p.error("--model is required (unless --merge)")
+    args.aspects = [a for a in args.aspects.split(",") if a]
+    unknown = set(args.aspects) - set(ASPECTS)
+    if unknown or not args.aspects:
+        p.error(f"unknown aspects {sorted(unknown)}; choose from {', '.join(ASPECTS)}")
+    if args.num_videos < 6 or args.num_frames < 2:
+        p.error("need --num-videos >= 6 and --num-frames >= 2")
+    try:
+        args.shard_index, args.shard_count = (int(x) for x in args.shard.split("/"))
+        assert 0 <= args.shard_index < args.shard_count
+    except (ValueError, AssertionError):
+        p.error(f"--shard must be i/n with 0 <= i < n, not {args.shard!r}")
+    return args
+
+
+# ---- shared: io (identical copies in every stage; tests/test_shared_blocks.py) ----
+class InputError(Exception):
+    """Bad user input; main() prints it as one line and exits non-zero."""
+
+
+def read_jsonl(path):
+    """Yield (line_number, record) for every non-blank line; InputError names file and line."""
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object")
+            yield number, record
+
+
+@contextmanager
+def atomic_write(path, mode="w"):
+    """Write to a temp file beside `path` and rename it into place only on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_main(main):
+    """Run main(); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+# ---- end shared: io ----
+
+
+# ---- shared: model (identical copies in every stage that loads a model) ----
+VISION_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
+
+
+def pick_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_model(path, four_bit=True, device=None):
+    """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
+    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    device = device or pick_device()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
+    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
+        raise InputError(f"{path}: no such model folder")
+    try:
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization, device_map={"": device})
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    return model, processor
+
+
+def chat_messages(conversations, with_video=False):
+    """LLaVA turns ({"from": "human"|"gpt", "value"}) as chat-template messages; the video, if
+    any, goes before the first user text, and LLaVA's <video>/<image> placeholders are dropped."""
+    messages = []
+    for turn in conversations:
+        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}[turn["from"]]
+        text = turn["value"].replace("<video>", "").replace("<image>", "").strip() if role == "user" else turn["value"]
+        parts = [{"type": "text", "text": text}]
+        if with_video and role == "user" and not any(m["role"] == "user" for m in messages):
+            parts.insert(0, {"type": "video"})
+        messages.append({"role": role, "content": parts})
+    return messages
+
+
+def encode(processor, messages, video=None):
+    """Token ids, labels (-100 except assistant turns) and the processor's vision tensors.
+    Each assistant turn is tokenized apart from its prompt, exactly as generation sees it."""
+    tokenizer = processor.tokenizer
+    ids, labels, token_extras, extras, rendered = [], [], {}, {}, ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = processor.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        full = processor.apply_chat_template(messages[:i + 1], tokenize=False)
+        if not (prompt.startswith(rendered) and full.startswith(prompt)):
+            raise ValueError("the chat template does not render turns as prefixes of each other")
+        prompt_piece, answer_piece = prompt[len(rendered):], full[len(prompt):]
+        if not rendered:
+            batch = processor(text=[prompt_piece], videos=[video] if video is not None else None, return_tensors="pt")
+            piece = batch.pop("input_ids")[0].tolist()
+            batch.pop("attention_mask", None)
+            for key, value in batch.items():  # token-aligned (e.g. mm_token_type_ids) or per-video tensors
+                (token_extras if value.dim() == 2 and value.shape[1] == len(piece) else extras)[key] = value
+            token_extras = {k: v[0].tolist() for k, v in token_extras.items()}
+        else:
+            piece = tokenizer(prompt_piece, add_special_tokens=False)["input_ids"]
+            for values in token_extras.values():
+                values += [0] * len(piece)
+        answer = tokenizer(answer_piece, add_special_tokens=False)["input_ids"]
+        for values in token_extras.values():
+            values += [0] * len(answer)
+        ids += piece + answer
+        labels += [-100] * len(piece) + answer
+        rendered = full
+    return {"input_ids": ids, "labels": labels, "token_extras": token_extras, "extras": extras}
+
+
+def collate(examples, pad_id):
+    """Right-pad token-aligned fields; concatenate vision tensors in record order."""
+    width = max(len(e["input_ids"]) for e in examples)
+    pad = lambda seq, value: seq + [value] * (width - len(seq))
+    batch = {
+        "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
+        "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
+    }
+    if "labels" in examples[0]:
+        batch["labels"] = torch.tensor([pad(e["labels"], -100) for e in examples])
+    for key in {k for e in examples for k in e["token_extras"]}:
+        batch[key] = torch.tensor([pad(e["token_extras"].get(key, [0] * len(e["input_ids"])), 0) for e in examples])
+    for key in {k for e in examples for k in e["extras"]}:
+        batch[key] = torch.cat([e["extras"][key] for e in examples if key in e["extras"]])
+    return batch
+# ---- end shared: model ----
+
+
+# ---- shared: frames (identical copies in every stage that decodes video) ----
+def open_video(path):
+    """(decord reader, number of frames that really decode); InputError if none do."""
+    import decord
+    try:
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+    except (decord.DECORDError, RuntimeError) as e:
+        raise InputError(f"{path}: cannot open video ({str(e).splitlines()[0][:120]})") from None
+    total = decodable_frames(reader)
+    if total == 0:
+        raise InputError(f"{path}: no decodable frames")
+    return reader, total
+
+
+def sample_frames(path, num_frames, indices=None):
+    """uint8 frames [T, H, W, 3] from a video, uniform over the frames that really decode
+    (or exactly `indices`). A container's frame count is checked, never trusted."""
+    reader, total = open_video(path)
+    if indices is None:
+        indices = uniform_indices(total, num_frames)
+    if max(indices) >= total:
+        raise InputError(f"{path}: frame {max(indices)} requested but only {total} decode")
+    return reader.get_batch(list(indices)).asnumpy()
+
+
+def uniform_indices(total, count):
+    """`count` indices spread evenly over range(total), centred in equal bins."""
+    return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
+
+
+def decodable_frames(reader):
+    """The number of frames that actually decode: the container's count if its last frame
+    decodes, else a binary search for the last frame that does."""
+    def decodes(i):
+        try:
+            reader[i].asnumpy()
+            return True
+        except Exception:
+            return False
+    total = len(reader)
+    if total == 0 or decodes(total - 1):
+        return total
+    lo, hi = 0, total - 1  # frame lo decodes (or nothing does), frame hi does not
+    if not decodes(0):
+        return 0
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if decodes(mid) else (lo, mid)
+    return lo + 1
+# ---- end shared: frames ----
+
+
+# ---- shared: choice (identical copies in the stages that ask multiple-choice questions) ----
+LETTERS = "ABCDEFGHIJ"
+YES_NO = ("yes", "no")
+
+
+def is_yes_no(options):
+    return tuple(o.strip().lower() for o in options) == YES_NO
+
+
+def choice_prompt(question, options):
+    """The question with lettered options and the instruction lmms-eval uses (or a yes/no one)."""
+    if is_yes_no(options):
+        return f"{question}\nPlease answer yes or no."
+    lines = [f"{LETTERS[i]}. {option}" for i, option in enumerate(options)]
+    return "\n".join([question, *lines, "Answer with the option's letter from the given choices directly."])
+
+
+def reply_token_ids(tokenizer, options):
+    """Per option, the first token of each reply that picks it: its letter, or yes/no in either case."""
+    replies = [(w, w.capitalize()) for w in YES_NO] if is_yes_no(options) else [(L,) for L in LETTERS[:len(options)]]
+    return [sorted({tokenizer(r, add_special_tokens=False)["input_ids"][0] for r in variants}) for variants in replies]
+
+
+def chat_inputs(processor, requests, device):
+    """Left-padded model inputs for requests [(frames or None, text)], ready for the reply.
+    A batch must be all video or all text (processors pair videos with placeholders in order)."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": ([{"type": "video"}] if frames is not None else []) + [{"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False) for frames, text in requests]
+    videos = [frames for frames, _ in requests if frames is not None] or None
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(device)
+
+
+@torch.no_grad()
+def choice_logprobs(model, processor, requests, options, device):
+    """Per request, the log-probability of each option's reply as the first answer token."""
+    inputs = chat_inputs(processor, requests, device)
+    last = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), -1)
+    return [[round(float(torch.logsumexp(row[ids], 0)), 5) for ids in reply_token_ids(processor.tokenizer, opts)]
+            for row, opts in zip(last, options)]
+
+
+@torch.no_grad()
+def choice_generate(model, processor, requests, device, max_new_tokens=32):
+    """Greedy replies to requests [(frames or None, text)]."""
+    inputs = chat_inputs(processor, requests, device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return [processor.tokenizer.decode(row, skip_special_tokens=True).strip()
+            for row in output[:, inputs["input_ids"].shape[1]:]]
+
+
+def extract_choice(reply, options):
+    """Index of the option a free-form reply picks, or None. In order: yes/no by prefix; a letter
+    opening the reply ("B", "(B)", "B. ..."); "answer/option is B"; the last "(B)"; the last "B." or
+    "B)"; the one option whose text the reply contains; the last standalone letter (not the article "A")."""
+    text = reply.strip()
+    if is_yes_no(options):
+        word = re.match(r"\W*([a-z]+)", text.lower())
+        return YES_NO.index(word[1]) if word and word[1] in YES_NO else None
+    letter = f"[{LETTERS[:len(options)]}]"
+    at_start = re.match(rf"\W*\(?({letter})\)?(?:[.:,)]|\s*$|\s+(?![a-z])|\s+is\b)", text)
+    if at_start:
+        return LETTERS.index(at_start[1])
+    for pattern in (rf"(?i:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?({letter})\b", rf"\(({letter})\)",
+                    rf"\b({letter})[.)](?=\s|$)"):
+        found = re.findall(pattern, text)
+        if found:
+            return LETTERS.index(found[-1])
+    named = [i for i, option in enumerate(options) if option.strip() and option.strip().lower() in text.lower()]
+    if len(named) == 1:
+        return named[0]
+    standalone = [m[1] for m in re.finditer(rf"\b({letter})\b(?!\s+[a-z])", text)]
+    return LETTERS.index(standalone[-1]) if standalone else None
+# ---- end shared: choice ----
+
+
+# ---------------------------------------------------------------- scenes: what is where, frame by frame
+# A scene is a list of frame states {"objects": [{"colour", "x", "y", "size"}], "light"}; x, y and
+# size are fractions of the frame side. The renderer and the text description both read it.
+
+def still(colour, x, y, size=0.14):
+    return {"colour": colour, "x": x, "y": y, "size": size}
+
+
+def appearing(objects_and_starts, frames, ends=None):
+    """Frames in which each object is present from its start (to its end, if given)."""
+    ends = ends or [frames] * len(objects_and_starts)
+    return [{"objects": [o for (o, start), end in zip(objects_and_starts, ends) if start <= t < end], "light": 1.0}
+            for t in range(frames)]
+
+
+def scene_order(colours_in_order, rng, frames):
+    """The objects appear one after another and stay; x slots are shuffled so place says nothing."""
+    n = len(colours_in_order)
+    slots = rng.permutation(np.linspace(0.2, 0.8, n))
+    starts = [int(rng.integers(k * frames // (n + 1), k * frames // (n + 1) + frames // (2 * n + 2) + 1)) for k in range(n)]
+    return appearing([(still(c, float(x), float(rng.uniform(0.3, 0.7))), s) for c, x, s in zip(colours_in_order, slots, starts)], frames)
+
+
+def scene_thirds(colours_by_third, rng, frames):
+    """One object (or none) per third of the video, each present only during its third."""
+    bounds = [k * frames // 3 for k in range(4)]
+    shown = [(still(c, float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.25, 0.75))), bounds[k])
+             for k, c in enumerate(colours_by_third) if c]
+    ends = [bounds[k + 1] for k, c in enumerate(colours_by_third) if c]
+    return appearing(shown, frames, ends)
+
+
+def scene_motion(start, end, rng, frames, size=(0.14, 0.14), light=(1.0, 1.0)):
+    """One object moving (or growing, or lit) linearly from `start` to `end` = (x, y)."""
+    colour = str(rng.choice(list(COLOURS)))
+    states = []
+    for t in range(frames):
+        a = t / (frames - 1)
+        lerp = lambda pair: float(pair[0] + a * (pair[1] - pair[0]))
+        states.append({"objects": [still(colour, lerp((start[0], end[0])), lerp((start[1], end[1])), lerp(size))],
+                       "light": lerp(light)})
+    return states
+
+
+def refer_scene(third):
+    def build(label, rng, frames):
+        others = [c for c in COLOURS if c != list(COLOURS)[label]]
+        colours = list(rng.permutation(others)[:2])
+        colours.insert(third, list(COLOURS)[label])
+        return scene_thirds([str(c) for c in colours], rng, frames)
+    return build
+
+
+def speed_scene(label, rng, frames):
+    distance = 0.7 if label == 0 else 0.15
+    sign = rng.choice([-1, 1])
+    x0 = float(rng.uniform(0.15, 0.85 - distance)) if sign > 0 else float(rng.uniform(0.15 + distance, 0.85))
+    y = float(rng.uniform(0.3, 0.7))
+    return scene_motion((x0, y), (x0 + sign * distance, y), rng, frames)
+
+
+def direction_scene(label, rng, frames):
+    across = float(rng.uniform(0.3, 0.7))
+    a, b = (0.15, 0.85) if label in (0, 2) else (0.85, 0.15)
+    start, end = ((a, across), (b, across)) if label < 2 else ((across, a), (across, b))
+    return scene_motion(start, end, rng, frames)
+
+
+ORDER3 = list(itertools.permutations(("red", "green", "blue")))
+# aspect: (question, option per label, scene builder(label, rng, frames))
+ASPECTS = {
+    "order_of_two": ("Which object appears first?", ["the red object", "the blue object"],
+                     lambda label, rng, frames: scene_order(["red", "blue"][::1 - 2 * label], rng, frames)),
+    "order_of_three": ("In which order do the objects appear?", [", then ".join(p) for p in ORDER3],
+                       lambda label, rng, frames: scene_order(list(ORDER3[label]), rng, frames)),
+    **{f"referring_{where}": (f"Which object is present at the {where} of the video?",
+                              [f"the {c} object" for c in COLOURS], refer_scene(k)) for k, where in enumerate(THIRDS)},
+    "grounding": ("When does the red object appear?", ["at the beginning", "in the middle", "at the end"],
+                  lambda label, rng, frames: scene_thirds(["red" if k == label else None for k in range(3)], rng, frames)),
+    "size": ("How does the object's size change?", ["it grows", "it shrinks"],
+             lambda label, rng, frames: scene_motion((0.5, 0.5), (0.5, 0.5), rng, frames, size=(0.06, 0.3)[::1 - 2 * label])),
+    "light": ("How does the scene's light change?", ["it gets brighter", "it gets darker"],
+              lambda label, rng, frames: scene_motion((0.5, 0.5), (0.5, 0.5), rng, frames, light=(0.3, 1.0)[::1 - 2 * label])),
+    "direction": ("In which direction does the object move?", ["to the right", "to the left", "down", "up"], direction_scene),
+    "speed": ("How fast does the object move?", ["fast", "slowly"], speed_scene),
+}
+
+
+def plan_videos(aspects, num_videos, seed):
+    """Every probe video: aspect, split and a balanced label; a fixed seed per video."""
+    plans = []
+    for aspect in aspects:
+        classes = len(ASPECTS[aspect][1])
+        num_test = max(classes, round(num_videos * TEST_SHARE))
+        for i in range(num_videos):
+            split = "test" if i < num_test else "train"
+            plans.append({"id": f"{aspect}-{split}-{i:04d}", "aspect": aspect, "split": split, "label": i % classes,
+                          "seed": seed * 1_000_003 + sum(map(ord, aspect)) * 7919 + i})
+    return plans
+
+
+def build_scene(plan):
+    """(frame states, shape, background) of a planned video, from its seed alone."""
+    rng = np.random.default_rng(plan["seed"])
+    states = ASPECTS[plan["aspect"]][2](plan["label"], rng, RENDERED_FRAMES)
+    shape = str(rng.choice(SHAPES[plan["split"]]))
+    background = BACKGROUNDS[plan["split"]][int(rng.integers(len(BACKGROUNDS[plan["split"]])))]
+    return states, shape, background
+
+
+# ---------------------------------------------------------------- rendering and description
+
+def shape_mask(shape, x, y, size, side):
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    dx, dy, r = xx - x, yy - y, size / 2
+    if shape == "square":
+        return (abs(dx) <= r) & (abs(dy) <= r)
+    if shape == "circle":
+        return dx ** 2 + dy ** 2 <= r ** 2
+    if shape == "diamond":
+        return abs(dx) + abs(dy) <= r * 1.3
+    return (dy >= -r) & (dy <= r) & (abs(dx) <= (dy + r) / 2)  # triangle, apex up
+
+
+def render(states, shape, background, side=FRAME_SIDE):
+    """uint8 frames [T, side, side, 3] of a scene."""
+    frames = np.empty((len(states), side, side, 3), dtype=np.uint8)
+    for t, state in enumerate(states):
+        canvas = np.empty((side, side, 3), dtype=np.float32)
+        canvas[:] = background
+        for o in state["objects"]:
+            canvas[shape_mask(shape, o["x"], o["y"], o["size"], side)] = COLOURS[o["colour"]]
+        frames[t] = np.clip(canvas * state["light"], 0, 255).astype(np.uint8)
+    return frames
+
+
+def describe(states, shape, indices):
+    """The frames the model sees, in words: what the text-only language model is given."""
+    lines = []
+    for n, t in enumerate(indices, 1):
+        state = states[t]
+        things = "; ".join(f"a {o['colour']} {shape} at x={o['x']:.2f}, y={o['y']:.2f}, size {o['size']:.2f}"
+                           for o in state["objects"]) or "no objects"
+        lines.append(f"Frame {n}: {things}; light {state['light']:.2f}.")
+    return "\n".join(lines)
+
+
+def write_video(path, frames, fps=8):
+    """An H.264 mp4 (MPEG-4 part 2 where libx264 is missing), written atomically."""
+    import av
+    tmp = f"{path}.{os.getpid()}.tmp.mp4"
+    with av.open(tmp, "w") as container:
+        try:
+            stream = container.add_stream("libx264", rate=fps)
+            stream.options = {"crf": "12", "preset": "ultrafast"}
+        except Exception:
+            stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    os.replace(tmp, path)
+
+
+def render_videos(plans, out, num_frames):
+    """Write each planned video (skipping ones already there) and return its manifest record."""
+    records = []
+    for plan in tqdm(plans, desc="render", unit="video", mininterval=2):
+        states, shape, background = build_scene(plan)
+        relative = os.path.join("videos", plan["aspect"], plan["id"] + ".mp4")
+        path = os.path.join(out, relative)
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            write_video(path, render(states, shape, background))
+        question, options, _ = ASPECTS[plan["aspect"]]
+        records.append({**{k: plan[k] for k in ("id", "aspect", "split", "label")}, "video": relative,
+                        "question": question, "options": options,
+                        "description": describe(states, shape, uniform_indices(RENDERED_FRAMES, num_frames))})
+    return records
+
+
+# ---------------------------------------------------------------- visual encodings
+
+@torch.no_grad()
+def frame_features(model, processor, videos, device):
+    """[videos, temporal units, width]: what the model puts into its video tokens (its own
+    get_video_features), mean-pooled over space. A unit is a frame, or a group of frames where
+    the vision tower merges time (Qwen2-VL: 2); trailing separator rows are left out."""
+    inputs = processor.video_processor(videos=list(videos), return_tensors="pt")
+    get = model.model.get_video_features
+    params = inspect.signature(get).parameters
+    kwargs = {k: v.to(device) for k, v in inputs.items() if k in params}
+    for name in ("vision_feature_layer", "vision_feature_select_strategy"):
+        if name in params and getattr(model.config, name, None) is not None:
+            kwargs[name] = getattr(model.config, name)
+    out = get(**kwargs)
+    features = getattr(out, "pooler_output", out)
+    features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+    units = int(inputs["video_grid_thw"][0, 0]) if "video_grid_thw" in inputs else len(videos[0])
+    per_video = features.float().reshape(len(videos), -1, features.shape[-1])
+    per_unit = per_video.shape[1] // units  # rows past units * per_unit are separators (LLaVA-OneVision's newline)
+    return per_video[:, :units * per_unit].reshape(len(videos), units, per_unit, -1).mean(2).cpu()
+
+
+def encode_videos(model, processor, records, out, num_frames, batch_size, device, cache_key):
+    """{id: [units, width]} for every record; features already cached under the same key are reused."""
+    from safetensors.torch import load_file, save_file
+    path = os.path.join(out, "features.safetensors")
+    cached = {}
+    if os.path.isfile(path):
+        from safetensors import safe_open
+        with safe_open(path, "pt") as f:
+            if f.metadata() == cache_key:
+                cached = load_file(path)
+    todo = [r for r in records if r["id"] not in cached]
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    for start in tqdm(range(0, len(todo), batch_size), desc="visual encodings", unit="batch", mininterval=2):
+        batch = todo[start:start + batch_size]
+        frames = [sample_frames(os.path.join(out, r["video"]), num_frames) for r in batch]
+        for r, f in zip(batch, frame_features(hf_model, processor, frames, device)):
+            cached[r["id"]] = f.contiguous()
+    if todo:
+        with atomic_write(path, "wb") as f:
+            f.write(save(cached, cache_key))
+    return {r["id"]: cached[r["id"]] for r in records}
+
+
+def save(tensors, metadata):
+    from safetensors.torch import save
+    return save(tensors, metadata=metadata)
+
+
+# ---------------------------------------------------------------- probes
+
+class LinearProbe(torch.nn.Module):
+    """A linear classifier over all frames' features at once (so it may use their order)."""
+    def __init__(self, units, width, classes):
+        super().__init__()
+        self.linear = torch.nn.Linear(units * width, classes)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1))
+
+
+class TemporalProbe(torch.nn.Module):
+    """A small GRU over the frames' features, classified from its last state."""
+    def __init__(self, units, width, classes, hidden=64):
+        super().__init__()
+        self.project = torch.nn.Linear(width, hidden)
+        self.gru = torch.nn.GRU(hidden, hidden, batch_first=True)
+        self.classify = torch.nn.Linear(hidden, classes)
+
+    def forward(self, x):
+        return self.classify(self.gru(torch.relu(self.project(x)))[1][-1])
+
+
+PROBES = {"linear": LinearProbe, "temporal": TemporalProbe}
+
+
+def train_probe(kind, x_train, y_train, x_test, y_test, classes, seed, epochs=300, patience=50, lr=1e-2):
+    """Test accuracy of a probe trained with AdamW on 80% of the training split, stopped early
+    (and restored to its best state) by accuracy on the other 20%."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(x_train), generator=generator)
+    held = order[:max(classes, len(order) // 5)]
+    fit = order[len(held):]
+    mean, std = x_train[fit].mean((0, 1)), x_train[fit].std((0, 1)) + 1e-6
+    norm = lambda x: (x - mean) / std
+    torch.manual_seed(seed)
+    probe = PROBES[kind](x_train.shape[1], x_train.shape[2], classes)
+    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.05)
+    accuracy = lambda x, y: float((probe(norm(x)).argmax(-1) == y).float().mean())
+    best, best_state, waited = -1.0, None, 0
+    for _ in range(epochs):
+        probe.train()
+        for batch in torch.randperm(len(fit), generator=generator).split(64):
+            rows = fit[batch]
+            loss = torch.nn.functional.cross_entropy(probe(norm(x_train[rows])), y_train[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        probe.eval()
+        with torch.no_grad():
+            score = accuracy(x_train[held], y_train[held])
+        if score >= best:
+            best, best_state, waited = score, {k: v.clone() for k, v in probe.state_dict().items()}, 0
+        elif (waited := waited + 1) >= patience:
+            break
+    probe.load_state_dict(best_state)
+    probe.eval()
+    with torch.no_grad():
+        return accuracy(x_test, y_test)
+
+
+def probe_results(records, features, seeds, seed):
+    """{aspect: {kind: {mean, std, runs}}} over `seeds` trainings of each probe kind."""
+    results = {}
+    aspects = list(dict.fromkeys(r["aspect"] for r in records))
+    for aspect in tqdm(aspects, desc="probes", unit="aspect"):
+        data = {}
+        for split in ("train", "test"):
+            rows = [r for r in records if r["aspect"] == aspect and r["split"] == split]
+            stacked = torch.stack([features[r["id"]] for r in rows])
+            # Each frame relative to its video's average frame: what stays constant over a video (background,
+            # shapes, which differ between the splits) drops out, and what changes over time stays.
+            data[split] = (stacked - stacked.mean(1, keepdim=True), torch.tensor([r["label"] for r in rows]))
+        classes = len(ASPECTS[aspect][1])
+        results[aspect] = {}
+        for kind in PROBES:
+            runs = [train_probe(kind, *data["train"], *data["test"], classes, seed + s) for s in range(seeds)]
+            results[aspect][kind] = {"mean": round(float(np.mean(runs)), 4), "std": round(float(np.std(runs)), 4),
+                                     "runs": [round(r, 4) for r in runs]}
+    return results
+
+
+# ---------------------------------------------------------------- the language model's answers
+
+TEXT_PREFIX = "These are descriptions of a video's frames, in order:\n{description}\n\n"
+
+
+def ask(model, processor, records, out, args, device):
+    """[{id, text_scores, video_scores[, text_reply, video_reply]}] for the test videos: the same
+    multiple-choice question from the description alone, then from the video."""
+    answers = []
+    tests = [r for r in records if r["split"] == "test"]
+    for start in tqdm(range(0, len(tests), args.batch_size), desc="LLM answers", unit="batch", mininterval=2):
+        batch = tests[start:start + args.batch_size]
+        options = [r["options"] for r in batch]
+        prompts = [choice_prompt(r["question"], r["options"]) for r in batch]
+        text = [(None, TEXT_PREFIX.format(description=r["description"]) + p) for r, p in zip(batch, prompts)]
+        video = [(sample_frames(os.path.join(out, r["video"]), args.num_frames), p) for r, p in zip(batch, prompts)]
+        entries = [{"id": r["id"]} for r in batch]
+        for name, requests in (("text", text), ("video", video)):
+            for entry, scores in zip(entries, choice_logprobs(model, processor, requests, options, device)):
+                entry[f"{name}_scores"] = scores
+            if args.generate:
+                for entry, reply in zip(entries, choice_generate(model, processor, requests, device)):
+                    entry[f"{name}_reply"] = reply
+        answers += entries
+    return answers
+
+
+def answer_accuracy(records, answers, aspect, key):
+    """Accuracy of one way of answering (`text_scores`, `video_reply`, ...) on an aspect's test videos."""
+    by_id = {a["id"]: a for a in answers}
+    hits = []
+    for r in records:
+        if r["aspect"] == aspect and r["split"] == "test" and key in by_id.get(r["id"], {}):
+            value = by_id[r["id"]][key]
+            chosen = max(range(len(value)), key=value.__getitem__) if key.endswith("scores") else extract_choice(value, r["options"])
+            hits.append(chosen == r["label"])
+    return round(float(np.mean(hits)), 4) if hits else None
+
+
+# ---------------------------------------------------------------- report
+
+def verdict(rows):
+    """One sentence: where the mean accuracies (above chance) put the bottleneck."""
+    lift = lambda key: float(np.mean([row[key] - row["chance"] for row in rows.values()]))
+    probe = max(lift("probe_linear"), lift("probe_temporal"))
+    text, video = lift("text_llm"), lift("video_llm")
+    if probe < 0.1:
+        return "The visual encodings carry little temporal signal: the vision encoder is the bottleneck."
+    if probe - max(text, video) >= 0.1:
+        return ("The visual encodings carry the temporal signal, but the language model does not use it, even from text: "
+                "the language model is the bottleneck.")
+    return "The language model does about as well as the probes: no clear language-model bottleneck."
+
+
+def report(records, features, answers, args, meta):
+    probes = probe_results(records, features, args.seeds, args.seed)
+    rows = {}
+    for aspect, kinds in probes.items():
+        classes = len(ASPECTS[aspect][1])
+        row = {"chance": round(1 / classes, 4), "probe_linear": kinds["linear"]["mean"], "probe_linear_std": kinds["linear"]["std"],
+               "probe_temporal": kinds["temporal"]["mean"], "probe_temporal_std": kinds["temporal"]["std"]}
+        for key in ("text", "video"):
+            row[f"{key}_llm"] = answer_accuracy(records, answers, aspect, f"{key}_scores")
+            if args.generate:
+                row[f"{key}_llm_generate"] = answer_accuracy(records, answers, aspect, f"{key}_reply")
+        row["test_videos"] = sum(r["aspect"] == aspect and r["split"] == "test" for r in records)
+        rows[aspect] = row
+    summary = verdict(rows)
+    with atomic_write(os.path.join(args.out, "report.json")) as f:
+        json.dump({"meta": meta, "verdict": summary, "aspects": rows, "probe_runs": probes}, f, indent=1)
+    columns = ["chance", "probe_linear", "probe_temporal", "text_llm", "video_llm"]
+    columns += ["text_llm_generate", "video_llm_generate"] if args.generate else []
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
+    lines = ["| aspect (test videos) | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for aspect, row in rows.items():
+        cells = [pct(row[c]) + (f" ± {100 * row[c + '_std']:.1f}" if c + "_std" in row else "") for c in columns]
+        lines.append(f"| {aspect} ({row['test_videos']}) | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    with atomic_write(os.path.join(args.out, "report.md")) as f:
+        f.write(f"# Temporal bottleneck: {meta.get('model')}\n\nAccuracy in % on the test videos (probes: mean ± std over "
+                f"{args.seeds} seeds). Probes read the model's pooled visual encodings; the text LLM reads a frame-by-frame "
+                f"description; the video LLM sees {args.num_frames} frames.\n\n{table}\n\n{summary}\n")
+    print(table)
+    print(summary)
+
+
+def write_jsonl(path, records):
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def bench_records(records, out):
+    """The test videos as benchmark records for stage 06 (`video` relative to OUT)."""
+    return [{"id": r["id"], "video": r["video"], "question": r["question"], "options": r["options"],
+             "answer": LETTERS[r["label"]], "task_type": r["aspect"], "source": "probe"}
+            for r in records if r["split"] == "test"]
+
+
+def read_shard(folder, out):
+    """A shard folder's records (videos re-pointed relative to OUT), features and answers."""
+    from safetensors.torch import load_file
+    paths = [os.path.join(folder, name) for name in ("videos.jsonl", "features.safetensors", "answers.jsonl", "meta.json")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: missing; did this shard finish?")
+    records = [r for _, r in read_jsonl(paths[0])]
+    for r in records:
+        r["video"] = os.path.relpath(os.path.join(folder, r["video"]), out)
+    return records, load_file(paths[1]), [a for _, a in read_jsonl(paths[2])], json.load(open(paths[3]))
+
+
+def merge(args):
+    records, features, answers, meta = [], {}, [], {}
+    for folder in args.merge:
+        r, f, a, meta = read_shard(folder, args.out)
+        records, answers = records + r, answers + a
+        features.update(f)
+    args.seeds, args.seed, args.num_frames, args.generate = meta["seeds"], meta["seed"], meta["num_frames"], meta["generate"]
+    os.makedirs(args.out, exist_ok=True)
+    write_jsonl(os.path.join(args.out, "probe_bench.jsonl"), bench_records(records, args.out))
+    report(records, features, answers, args, {**meta, "merged": args.merge})
+
+
+def main():
+    args = parse_args()
+    if args.merge:
+        return merge(args)
+    os.makedirs(args.out, exist_ok=True)
+    plans = plan_videos(args.aspects, args.num_videos, args.seed)[args.shard_index::args.shard_count]
+    records = render_videos(plans, args.out, args.num_frames)
+    write_jsonl(os.path.join(args.out, "videos.jsonl"), records)
+    device = pick_device()
+    model, processor = load_model(args.model, args.four_bit, device)
+    if args.adapter:
+        from peft import PeftModel
+        if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+            raise InputError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
+        model = PeftModel.from_pretrained(model, args.adapter)
+    model.eval()
+    began = time.perf_counter()
+    cache_key = {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+                 "num_frames": str(args.num_frames)}
+    features = encode_videos(model, processor, records, args.out, args.num_frames, args.batch_size, device, cache_key)
+    answers = ask(model, processor, records, args.out, args, device)
+    write_jsonl(os.path.join(args.out, "answers.jsonl"), answers)
+    meta = {"model": args.model, "adapter": args.adapter, "num_frames": args.num_frames, "num_videos": args.num_videos,
+            "seeds": args.seeds, "seed": args.seed, "generate": args.generate, "shard": args.shard,
+            "seconds_encode_and_ask": round(time.perf_counter() - began, 1)}
+    with atomic_write(os.path.join(args.out, "meta.json")) as f:
+        json.dump(meta, f, indent=1)
+    if args.shard_count > 1:
+        print(f"shard {args.shard} done; when every shard is, run: python 02_probe.py --merge <shard folders> --out DIR")
+        return
+    write_jsonl(os.path.join(args.out, "probe_bench.jsonl"), bench_records(records, args.out))
+    report(records, features, answers, args, meta)
+    print(f"report in {args.out}/report.md; benchmark for stage 06 in {args.out}/probe_bench.jsonl")
+
+
+if __name__ == "__main__":
+    run_main(main)
