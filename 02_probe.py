@@ -566,6 +566,7 @@ def encode_videos(model, processor, records, out, num_frames, batch_size, device
             if f.metadata() == cache_key:
                 cached = load_file(path)
     todo = [r for r in records if r["id"] not in cached]
+    print(f"visual encodings: {len(records) - len(todo)} reused from {path}, {len(todo)} to compute")
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     for start in tqdm(range(0, len(todo), batch_size), desc="visual encodings", unit="batch", mininterval=2):
         batch = todo[start:start + batch_size]
@@ -596,23 +597,23 @@ class LinearProbe(torch.nn.Module):
 
 
 class TemporalProbe(torch.nn.Module):
-    """A small GRU over the frames' features, classified from its last state."""
-    def __init__(self, units, width, classes, hidden=64):
+    """A small GRU reading the frames' features in order, classified from its last state."""
+    def __init__(self, units, width, classes, hidden=16):
         super().__init__()
-        self.project = torch.nn.Linear(width, hidden)
-        self.gru = torch.nn.GRU(hidden, hidden, batch_first=True)
+        self.gru = torch.nn.GRU(width, hidden, batch_first=True)
         self.classify = torch.nn.Linear(hidden, classes)
 
     def forward(self, x):
-        return self.classify(self.gru(torch.relu(self.project(x)))[1][-1])
+        return self.classify(self.gru(x)[1][-1])
 
 
 PROBES = {"linear": LinearProbe, "temporal": TemporalProbe}
 
 
-def train_probe(kind, x_train, y_train, x_test, y_test, classes, seed, epochs=300, patience=50, lr=1e-2):
-    """Test accuracy of a probe trained with AdamW on 80% of the training split, stopped early
-    (and restored to its best state) by accuracy on the other 20%."""
+def train_probe(kind, x_train, y_train, x_test, y_test, classes, seed, epochs=300, patience=50, lr=1e-2, l2=0.05):
+    """Test accuracy of a probe trained with Adam and an L2 penalty on its weight matrices (few
+    videos, many feature dimensions) on 80% of the training split, stopped early (and restored
+    to its best state) by accuracy on the other 20%."""
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x_train), generator=generator)
     held = order[:max(classes, len(order) // 5)]
@@ -621,7 +622,8 @@ def train_probe(kind, x_train, y_train, x_test, y_test, classes, seed, epochs=30
     norm = lambda x: (x - mean) / std
     torch.manual_seed(seed)
     probe = PROBES[kind](x_train.shape[1], x_train.shape[2], classes)
-    optimizer = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=0.05)
+    optimizer = torch.optim.Adam(probe.parameters(), lr=lr)
+    matrices = [p for p in probe.parameters() if p.dim() > 1]
     accuracy = lambda x, y: float((probe(norm(x)).argmax(-1) == y).float().mean())
     best, best_state, waited = -1.0, None, 0
     for _ in range(epochs):
@@ -629,6 +631,7 @@ def train_probe(kind, x_train, y_train, x_test, y_test, classes, seed, epochs=30
         for batch in torch.randperm(len(fit), generator=generator).split(64):
             rows = fit[batch]
             loss = torch.nn.functional.cross_entropy(probe(norm(x_train[rows])), y_train[rows])
+            loss = loss + l2 * sum(m.pow(2).sum() for m in matrices)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -652,7 +655,7 @@ def probe_results(records, features, seeds, seed):
     for aspect in tqdm(aspects, desc="probes", unit="aspect"):
         data = {}
         for split in ("train", "test"):
-            rows = [r for r in records if r["aspect"] == aspect and r["split"] == split]
+            rows = sorted((r for r in records if r["aspect"] == aspect and r["split"] == split), key=lambda r: r["id"])
             stacked = torch.stack([features[r["id"]] for r in rows])
             # Each frame relative to its video's average frame: what stays constant over a video (background,
             # shapes, which differ between the splits) drops out, and what changes over time stays.
