@@ -67,8 +67,9 @@ def parse_args(argv=None):
     unknown = set(args.aspects) - set(ASPECTS)
     if unknown or not args.aspects:
         p.error(f"unknown aspects {sorted(unknown)}; choose from {', '.join(ASPECTS)}")
-    if args.num_videos < 6 or args.num_frames < 2:
-        p.error("need --num-videos >= 6 and --num-frames >= 2")
+    fewest = 3 * max(len(ASPECTS[a][1]) for a in args.aspects)  # every class in the test split, twice that to train on
+    if args.num_videos < fewest or args.num_frames < 2:
+        p.error(f"need --num-videos >= {fewest} for these aspects (3 x their most classes) and --num-frames >= 2")
     try:
         args.shard_index, args.shard_count = (int(x) for x in args.shard.split("/"))
         assert 0 <= args.shard_index < args.shard_count

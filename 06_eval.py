@@ -391,16 +391,18 @@ def strip_letters(options):
 
 
 def answer_index(answer, options, where):
-    """An answer given as a letter, "A. text", an option's text or an index -> the option's index."""
+    """An answer given as a letter ("B", "(B)", "B. text", "Caption B: text"), an index or an
+    option's text -> the option's index."""
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
         return answer
     if isinstance(answer, str):
         text = answer.strip()
-        if text.lower() in [o.lower() for o in options]:
-            return [o.lower() for o in options].index(text.lower())
         letter = re.match(r"^\(?(?:Caption\s+)?([A-J])(?:[.):]|$)", text)
         if letter and LETTERS.index(letter[1]) < len(options):
             return LETTERS.index(letter[1])
+        lowered = [o.lower() for o in options]
+        if text.lower() in lowered:
+            return lowered.index(text.lower())
     raise InputError(f"{where}: answer {answer!r} is not one of its {len(options)} options")
 
 

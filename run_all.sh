@@ -13,8 +13,13 @@
 #   BATCH       records per micro-batch (default: 8)
 #   VIDEOS      videos for TPO pairs: a folder or JSONL (default: sample videos written into $OUT/videos)
 #   NUM_PAIRS   TPO preference pairs to keep (default: 16)
-#   NUM_FRAMES  dense frames per video (default: 8)
+#   NUM_FRAMES  frames per video in every stage (default: 8)
 #   TEMPERATURE sampling temperature for pair answers (default: 1.0 for the tiny model, 0 = greedy otherwise)
+#   PROBE_VIDEOS probe videos per temporal aspect in stage 02 (default: 60)
+#   PROBE_SEEDS probe trainings per aspect (default: 2)
+#   BENCH       extra benchmarks for stage 06, space-separated [NAME=]FILE (e.g. "videomme=/data/videomme.json")
+#   VIDEO_ROOT  folder of those benchmarks' videos
+#   EVAL_LIMIT  items per benchmark in stage 06 (default: all)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,6 +41,8 @@ fi
 TEMPERATURE=${TEMPERATURE:-0}
 NUM_PAIRS=${NUM_PAIRS:-16}
 NUM_FRAMES=${NUM_FRAMES:-8}
+PROBE_VIDEOS=${PROBE_VIDEOS:-60}
+PROBE_SEEDS=${PROBE_SEEDS:-2}
 if [ -z "${VIDEOS:-}" ]; then
   VIDEOS="$OUT/videos"
   [ -d "$VIDEOS" ] || python tests/videos.py "$VIDEOS" --count 6 --frames 48
@@ -51,6 +58,19 @@ stats = json.load(open(sys.argv[1]))
 for split in ("train", "val"):
     print(f"   {split}: {sum(s['count'] for t in stats[split].values() for s in t.values())} records, "
           f"{len(stats[split])} task families")
+PY
+
+echo "== 02 temporal-bottleneck probe -> $OUT/02"
+python 02_probe.py --model "$MODEL" --out "$OUT/02" --num-videos "$PROBE_VIDEOS" --num-frames "$NUM_FRAMES" \
+  --seeds "$PROBE_SEEDS" --seed "$SEED"
+python - "$OUT/02/report.json" <<'PY'
+import json, sys
+report = json.load(open(sys.argv[1]))
+rows = report["aspects"].values()
+mean = lambda key: 100 * sum(r[key] for r in rows) / len(rows)
+print(f"   mean over {len(rows)} aspects: chance {mean('chance'):.1f}, probe {max(mean('probe_linear'), mean('probe_temporal')):.1f}, "
+      f"text LLM {mean('text_llm'):.1f}, video LLM {mean('video_llm'):.1f}")
+print(f"   {report['verdict']}")
 PY
 
 echo "== 03 QLoRA fine-tuning on T3 text tasks -> $OUT/03"
@@ -83,4 +103,14 @@ print(f"   reward accuracy {mean(first, 'reward_accuracy'):.2f} -> {mean(last, '
       f"reward margin {mean(first, 'margin'):.3f} -> {mean(last, 'margin'):.3f}")
 PY
 
-echo "== done; outputs under $OUT/"
+echo "== 06 temporal benchmarks: base, +T3, +T3+TPO -> $OUT/06"
+BENCHES=(--bench "$OUT/02/probe_bench.jsonl" --bench "$OUT/01/t3_val.jsonl")
+for spec in ${BENCH:-}; do BENCHES+=(--bench "$spec"); done
+python 06_eval.py --model "$MODEL" --adapter t3="$OUT/03" --adapter t3+tpo="$OUT/05" "${BENCHES[@]}" \
+  ${VIDEO_ROOT:+--video-root "$VIDEO_ROOT"} ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --num-frames "$NUM_FRAMES" \
+  --out "$OUT/06" > "$OUT/06.log"
+echo
+cat "$OUT/06/results.md"
+echo
+echo "== done. Per stage: $OUT/01 T3 tasks, $OUT/02 probe report, $OUT/03 T3 adapter, $OUT/04 TPO pairs,"
+echo "   $OUT/05 T3+TPO adapter, $OUT/06 results (results.md, results.json, predictions.jsonl)"
