@@ -184,7 +184,7 @@ def test_llava_onevision_end_to_end_with_generation(tiny_models, tmp_path):
 
 
 def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
-    common = ["--aspects", "size,grounding", "--num-videos", "12"]
+    common = ["--aspects", "size,grounding", "--num-videos", "9", "--seeds", "1"]
     assert run_probe(tiny_models["qwen2_vl"], tmp_path / "whole", *common).returncode == 0
     for i in range(2):
         result = run_probe(tiny_models["qwen2_vl"], tmp_path / f"shard{i}", *common, "--shard", f"{i}/2")
@@ -196,7 +196,7 @@ def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
     whole, joined = (json.load(open(tmp_path / d / "report.json"))["aspects"] for d in ("whole", "merged"))
     assert joined == whole
     bench = read_jsonl(tmp_path / "merged" / "probe_bench.jsonl")
-    assert len(bench) == 8 and all(os.path.isfile(tmp_path / "merged" / r["video"]) for r in bench)
+    assert len(bench) == 6 and all(os.path.isfile(tmp_path / "merged" / r["video"]) for r in bench)
 
 
 def test_missing_model_is_one_line(tmp_path):
