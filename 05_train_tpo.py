@@ -1,11 +1,14 @@
 """Stage 05: TPO training, 4-bit QLoRA DPO plus an SFT term, with a Triton log-prob kernel.
 
 loss = DPO_sigmoid(beta) + alpha * NLL(chosen), on stage 04's temporal preference pairs.
-Chosen and rejected share the prompt and the video, so the vision tower runs once per
-pair; only response positions go through the LM head; the per-token log-probabilities
-come from `token_logprobs`, a Triton kernel (online logsumexp over vocabulary blocks)
-that never materializes a float32 log-softmax. Reference log-probs are computed once,
-before training, with the adapter switched off (or with the starting T3 adapter).
+Chosen and rejected share the prompt and the video: they run as one packed sequence
+[prompt, chosen, rejected] (the rejected answer masked from the chosen one, its positions
+restarting after the prompt), so the vision tower and the prompt's forward and backward run
+once per pair. Only response positions reach the LM head, through
+`fused_token_logprobs`, a Triton kernel that multiplies hidden states by the head's weight
+block by block and folds each block into an online logsumexp, so the [tokens, vocabulary]
+logits never exist. Reference log-probs are computed once, before training, with the
+adapter switched off (or with the starting T3 adapter).
 
 Usage:
     python 05_train_tpo.py --model M [--adapter runs/03] --pairs runs/04/pairs.jsonl --out runs/05
@@ -63,6 +66,11 @@ def parse_args(argv=None):
     p.add_argument("--save-every", type=int, default=50)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--stop-after-steps", type=int, help="stop after this many steps, leaving a checkpoint")
+    p.add_argument("--no-shared-prompt", dest="shared_prompt", action="store_false",
+                   help="run chosen and rejected as two sequences (the prompt twice), e.g. for attention "
+                        "kernels that take no 4D mask")
+    p.add_argument("--no-fused-head", dest="fused_head", action="store_false",
+                   help="project response positions to logits, then log-softmax (more memory)")
     p.add_argument("--no-4bit", dest="four_bit", action="store_false")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--seed", type=int, default=0)
@@ -419,7 +427,7 @@ def _block_size(vocab):
 
 
 def _chunk_rows(vocab):
-    """Rows per chunk of the PyTorch path: about 64 MiB of float32 at a time."""
+    """Rows per chunk of the PyTorch paths: about 64 MiB of float32 logits at a time."""
     return max(1, (64 << 20) // (4 * vocab))
 
 
@@ -488,6 +496,171 @@ def token_logprobs(logits, labels, ignore_index=-100):
     return TokenLogprobs.apply(flat_logits, flat_labels, ignore_index).reshape(labels.shape)
 
 
+# ---------------------------------------------------------------- log-probs straight from hidden states
+# fused_token_logprobs(hidden, weight, labels) = token_logprobs(hidden @ weight.T, labels), without
+# ever holding the [tokens, vocabulary] logits: each program multiplies a block of tokens by a
+# block of the vocabulary, folds it into a running logsumexp and drops it; the backward pass
+# recomputes the blocks. Under QLoRA the LM head is frozen, so its gradient is skipped.
+
+if triton is not None:
+    @triton.jit
+    def _logit_block(h_ptr, w_ptr, rows, cols, n_rows, vocab, width, h_stride, w_stride,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        """logits[rows, cols] = hidden[rows] @ weight[cols].T, accumulated in float32."""
+        acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        for start in range(0, width, BLOCK_H):
+            k = start + tl.arange(0, BLOCK_H)
+            h = tl.load(h_ptr + rows[:, None] * h_stride + k[None, :], mask=(rows[:, None] < n_rows) & (k[None, :] < width), other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * w_stride + k[:, None], mask=(cols[None, :] < vocab) & (k[:, None] < width), other=0.0)
+            if UPCAST:  # the interpreter multiplies bfloat16 wrongly
+                h, w = h.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _fused_forward_kernel(h_ptr, w_ptr, labels_ptr, logprob_ptr, lse_ptr, n_rows, vocab, width, h_stride, w_stride,
+                              ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+                              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """A block of tokens: online logsumexp over vocabulary blocks; the target logit by an indexed dot."""
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        inside = rows < n_rows
+        labels = tl.load(labels_ptr + rows, mask=inside, other=ignore_index)
+        running_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, vocab, BLOCK_V):
+            cols = (start + tl.arange(0, BLOCK_V)).to(tl.int64)
+            logits = _logit_block(h_ptr, w_ptr, rows, cols, n_rows, vocab, width, h_stride, w_stride,
+                                  BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+            logits = tl.where(cols[None, :] < vocab, logits, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(logits, 1))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
+            running_max = new_max
+        lse = running_max + tl.log(running_sum)
+        target_rows = tl.where(labels == ignore_index, 0, labels).to(tl.int64)
+        target = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, width, BLOCK_H):
+            k = start + tl.arange(0, BLOCK_H)
+            both = inside[:, None] & (k[None, :] < width)
+            h = tl.load(h_ptr + rows[:, None] * h_stride + k[None, :], mask=both, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + target_rows[:, None] * w_stride + k[None, :], mask=both, other=0.0).to(tl.float32)
+            target += tl.sum(h * w, 1)
+        tl.store(lse_ptr + rows, lse, mask=inside)
+        tl.store(logprob_ptr + rows, tl.where(labels != ignore_index, target - lse, 0.0), mask=inside)
+
+    @triton.jit
+    def _fused_backward_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, grad_out_ptr, grad_h_ptr, grad_w_ptr, n_rows, vocab,
+                               width, h_stride, w_stride, ignore_index, WEIGHT_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                               UPCAST: tl.constexpr):
+        """One (token block, vocabulary block): recompute the logits, form g * (one_hot - softmax), and add
+        its products with the weight (and, if asked, with the hidden states) into float32 gradients."""
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        inside = rows < n_rows
+        labels = tl.load(labels_ptr + rows, mask=inside, other=ignore_index)
+        lse = tl.load(lse_ptr + rows, mask=inside, other=0.0)
+        scale = tl.where(labels != ignore_index, tl.load(grad_out_ptr + rows, mask=inside, other=0.0), 0.0)
+        logits = _logit_block(h_ptr, w_ptr, rows, cols, n_rows, vocab, width, h_stride, w_stride,
+                              BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        one_hot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+        grad = scale[:, None] * (one_hot - tl.exp(logits - lse[:, None]))
+        grad = tl.where(cols[None, :] < vocab, grad, 0.0)
+        grad = grad if UPCAST else grad.to(h_ptr.dtype.element_ty)
+        for start in range(0, width, BLOCK_H):
+            k = start + tl.arange(0, BLOCK_H)
+            w = tl.load(w_ptr + cols[:, None] * w_stride + k[None, :], mask=(cols[:, None] < vocab) & (k[None, :] < width), other=0.0)
+            w = w.to(tl.float32) if UPCAST else w
+            tl.atomic_add(grad_h_ptr + rows[:, None] * width + k[None, :], tl.dot(grad, w, input_precision=PRECISION),
+                          mask=inside[:, None] & (k[None, :] < width))
+            if WEIGHT_GRAD:
+                h = tl.load(h_ptr + rows[:, None] * h_stride + k[None, :], mask=inside[:, None] & (k[None, :] < width), other=0.0)
+                h = h.to(tl.float32) if UPCAST else h
+                tl.atomic_add(grad_w_ptr + cols[:, None] * width + k[None, :], tl.dot(tl.trans(grad), h, input_precision=PRECISION),
+                              mask=(cols[:, None] < vocab) & (k[None, :] < width))
+
+
+def _fused_blocks(hidden):
+    """Block sizes, the dot precision (float32 inputs multiply in full float32) and whether to
+    upcast half-precision tiles (the interpreter only)."""
+    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+    upcast = os.environ.get("TRITON_INTERPRET") == "1" and hidden.dtype != torch.float32
+    return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_H=64, PRECISION=precision, UPCAST=upcast)
+
+
+def _fused_forward(hidden, weight, labels, ignore_index):
+    rows, width = hidden.shape
+    vocab = weight.shape[0]
+    logprobs = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
+    if rows == 0:
+        return logprobs, lse
+    if _use_triton(hidden):
+        blocks = _fused_blocks(hidden)
+        _fused_forward_kernel[(triton.cdiv(rows, blocks["BLOCK_N"]),)](
+            hidden, weight, labels, logprobs, lse, rows, vocab, width, hidden.stride(0), weight.stride(0), ignore_index, **blocks)
+        return logprobs, lse
+    step = _chunk_rows(vocab)
+    for start in range(0, rows, step):  # PyTorch: one chunk of logits at a time, never all of them
+        end = min(rows, start + step)
+        logprobs[start:end], lse[start:end] = _logprob_forward(hidden[start:end] @ weight.T, labels[start:end], ignore_index)
+    return logprobs, lse
+
+
+def _fused_backward(hidden, weight, labels, lse, grad_out, ignore_index, weight_grad):
+    rows, width = hidden.shape
+    vocab = weight.shape[0]
+    grad_hidden = torch.zeros(rows, width, dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros(vocab, width, dtype=torch.float32, device=hidden.device) if weight_grad else None
+    if rows == 0:
+        return grad_hidden.to(hidden.dtype), grad_weight
+    grad_out = grad_out.float().contiguous()
+    if _use_triton(hidden):
+        blocks = _fused_blocks(hidden)
+        _fused_backward_kernel[(triton.cdiv(rows, blocks["BLOCK_N"]), triton.cdiv(vocab, blocks["BLOCK_V"]))](
+            hidden, weight, labels, lse, grad_out, grad_hidden, grad_hidden if grad_weight is None else grad_weight,
+            rows, vocab, width, hidden.stride(0), weight.stride(0), ignore_index, WEIGHT_GRAD=weight_grad, **blocks)
+    else:
+        step = _chunk_rows(vocab)
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            logits = hidden[start:end] @ weight.T
+            grad_logits = _logprob_backward(logits, labels[start:end], lse[start:end], grad_out[start:end], ignore_index)
+            grad_hidden[start:end] = (grad_logits @ weight).float()
+            if weight_grad:
+                grad_weight += (grad_logits.T @ hidden[start:end]).float()
+    return grad_hidden.to(hidden.dtype), None if grad_weight is None else grad_weight.to(weight.dtype)
+
+
+class FusedTokenLogprobs(torch.autograd.Function):
+    """log p(label) per row of hidden @ weight.T, with gradients for hidden (and weight if it needs one)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index):
+        logprobs, lse = _fused_forward(hidden, weight, labels, ignore_index)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.ignore_index = ignore_index
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        grad_hidden, grad_weight = _fused_backward(hidden, weight, labels, lse, grad_out, ctx.ignore_index,
+                                                   ctx.needs_input_grad[1])
+        return grad_hidden, grad_weight, None, None
+
+
+def fused_token_logprobs(hidden, weight, labels, ignore_index=-100):
+    """float32 log p(labels) under logits hidden @ weight.T, of shape labels.shape, without holding
+    the logits; exactly 0 where labels == ignore_index. Triton on CUDA (or under
+    TRITON_INTERPRET=1), chunked PyTorch otherwise."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_hidden = flat_hidden if flat_hidden.stride(-1) == 1 else flat_hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64).contiguous()
+    return FusedTokenLogprobs.apply(flat_hidden, weight.to(flat_hidden.dtype), flat_labels, ignore_index).reshape(labels.shape)
+
+
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_nll, beta, alpha):
     """TPO's objective: -log sigmoid(beta * (policy margin - reference margin)) + alpha * NLL(chosen),
     averaged over pairs; with the implicit rewards and their accuracy."""
@@ -553,42 +726,101 @@ def video_features(hf_model, vision_inputs):
     return features.reshape(-1, features.shape[-1])
 
 
-def rows_logps(model, processor, pairs_encoded, device):
+def head_logprobs(hf_model, hidden, targets, fused=True):
+    """log p(targets) under the LM head for selected hidden states [tokens, width]: fused (the
+    logits never exist) unless the head has a bias or is quantized."""
+    head = hf_model.lm_head
+    if fused and getattr(head, "bias", None) is None and head.weight.is_floating_point():
+        return fused_token_logprobs(hidden, head.weight, targets)
+    return token_logprobs(head(hidden), targets)
+
+
+def prompt_length(chosen, rejected):
+    """Tokens the chosen and rejected sequences share before their answers."""
+    length = next(i for i, label in enumerate(chosen["labels"]) if label != -100)
+    if rejected["labels"][:length] != [-100] * length or rejected["input_ids"][:length] != chosen["input_ids"][:length]:
+        raise ValueError("chosen and rejected do not share their prompt tokens")
+    return length
+
+
+def separate_positions(hf_model, batch, rows):
+    """Position ids of rows [c1, r1, ...] as separate right-padded sequences: multimodal rotary
+    ids ([3, rows, length]) from the model's get_rope_index where it has one, else [rows, length]."""
+    if hasattr(hf_model.model, "get_rope_index"):  # the Qwen-VL family
+        params = inspect.signature(hf_model.model.get_rope_index).parameters
+        return hf_model.model.get_rope_index(**{k: v for k, v in batch.items() if k in params})[0]
+    return torch.arange(batch["input_ids"].shape[1], device=batch["input_ids"].device).expand(len(rows), -1)
+
+
+def packed_pairs(pairs_encoded, positions, pad_id, dtype, device):
+    """One row per pair, [prompt, chosen answer, rejected answer]: the rejected answer attends to the
+    prompt and itself but not to the chosen answer, and its positions restart where the prompt ends.
+    Returns input ids, a 4D additive attention mask, position ids, and per response token its row,
+    the position whose hidden state predicts it, the token and its owner (2i chosen, 2i+1 rejected)."""
+    packs, gather = [], []
+    for i, (chosen, rejected) in enumerate(pairs_encoded):
+        shared, chosen_end = prompt_length(chosen, rejected), len(chosen["input_ids"])
+        rejected_answer = len(rejected["input_ids"]) - shared
+        ids = chosen["input_ids"] + rejected["input_ids"][shared:]
+        own = positions[..., 2 * i, :chosen_end], positions[..., 2 * i + 1, shared:shared + rejected_answer]
+        packs.append((ids, torch.cat(own, -1), shared, chosen_end))
+        sources = list(range(shared - 1, chosen_end - 1)) + [shared - 1] + list(range(chosen_end, chosen_end + rejected_answer - 1))
+        targets = chosen["labels"][shared:] + rejected["labels"][shared:]
+        owners = [2 * i] * (chosen_end - shared) + [2 * i + 1] * rejected_answer
+        gather += [(i, s, t, o) for s, t, o in zip(sources, targets, owners) if t != -100]
+    width = max(len(ids) for ids, *_ in packs)
+    input_ids = torch.full((len(packs), width), pad_id, dtype=torch.long)
+    allowed = torch.zeros(len(packs), width, width, dtype=torch.bool)
+    position_ids = torch.zeros(positions.shape[:-2] + (len(packs), width), dtype=positions.dtype, device=positions.device)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for row, (ids, pos, shared, chosen_end) in enumerate(packs):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+        position_ids[..., row, :len(ids)] = pos
+        allowed[row, :len(ids), :len(ids)] = causal[:len(ids), :len(ids)]
+        allowed[row, chosen_end:, shared:chosen_end] = False  # the rejected answer never sees the chosen one
+    allowed |= torch.eye(width, dtype=torch.bool)  # padding rows attend to themselves: no empty softmax
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    rows, sources, targets, owners = (torch.tensor(column, device=device) for column in zip(*gather))
+    return input_ids.to(device), mask.to(device), position_ids.to(device), (rows, sources, targets, owners)
+
+
+def rows_logps(model, processor, pairs_encoded, device, shared_prompt=True, fused=True):
     """Summed response log-probs and response token counts for rows [c1, r1, c2, r2, ...].
-    The vision tower sees each pair's video once; only response positions reach the LM head."""
+    The vision tower sees each pair's video once, only response positions reach the LM head, and
+    with `shared_prompt` chosen and rejected run as one packed sequence, so the prompt's forward
+    and backward run once per pair."""
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows = [row for pair in pairs_encoded for row in pair]
     batch = {k: v.to(device) for k, v in collate(rows, processor.tokenizer.pad_token_id).items()}
-    input_ids, labels = batch.pop("input_ids"), batch.pop("labels")
-    embeds = hf_model.get_input_embeddings()(input_ids)
+    positions = separate_positions(hf_model, batch, rows)
     vision_keys = [k for k in pairs_encoded[0][0]["extras"] if k.startswith("pixel_values")]
+    if shared_prompt:
+        embed_dtype = hf_model.get_input_embeddings().weight.dtype
+        input_ids, mask, positions, (row, source, targets, owner) = packed_pairs(
+            pairs_encoded, positions, processor.tokenizer.pad_token_id, embed_dtype, device)
+        videos_per_row = 1
+    else:
+        input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        response = labels[:, 1:] != -100
+        row, source = response.nonzero(as_tuple=True)
+        targets, owner = labels[:, 1:][response], row
+        videos_per_row = 2
+    embeds = hf_model.get_input_embeddings()(input_ids)
     if vision_keys:
         vision_inputs = {k: torch.cat([c["extras"][k] for c, _ in pairs_encoded]).to(device)
                          for k in pairs_encoded[0][0]["extras"]}
         features = video_features(hf_model, vision_inputs)
         video_mask = input_ids == processor.tokenizer.convert_tokens_to_ids(processor.video_token)
-        per_video = video_mask[0::2].sum(1).tolist()
-        chunks = features.split(per_video)
-        repeated = torch.cat([chunk for chunk in chunks for _ in range(2)]).to(embeds.dtype)
+        chunks = features.split(video_mask[0::videos_per_row].sum(1).tolist())
+        repeated = torch.cat([chunk for chunk in chunks for _ in range(videos_per_row)]).to(embeds.dtype)
         embeds = embeds.masked_scatter(video_mask.unsqueeze(-1).expand_as(embeds), repeated)
-    for key in vision_keys:
-        batch.pop(key, None)
-    if hasattr(hf_model.model, "get_rope_index"):  # multimodal rotary positions (Qwen-VL family)
-        params = inspect.signature(hf_model.model.get_rope_index).parameters
-        position_ids, _ = hf_model.model.get_rope_index(input_ids, **{k: v for k, v in batch.items() if k in params})
-        batch = {"attention_mask": batch["attention_mask"], "position_ids": position_ids}
-    hidden = hf_model.model(inputs_embeds=embeds, **batch).last_hidden_state
-    targets = labels[:, 1:]
-    response = targets != -100
-    logits = hf_model.lm_head(hidden[:, :-1][response])
-    logps = token_logprobs(logits, targets[response])
-    row_of_token = torch.arange(len(rows), device=device).unsqueeze(1).expand_as(targets)[response]
-    sums = torch.zeros(len(rows), device=device, dtype=torch.float32).index_add(0, row_of_token, logps)
-    counts = response.sum(1)
-    return sums, counts
+    hidden = hf_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    logps = head_logprobs(hf_model, hidden[row, source], targets, fused)
+    sums = torch.zeros(len(rows), device=device, dtype=torch.float32).index_add(0, owner, logps)
+    return sums, torch.bincount(owner, minlength=len(rows))
 
 
-def reference_logps(model, processor, pairs, encoded, path, device, show):
+def reference_logps(model, processor, pairs, encoded, path, device, show, args):
     """{id: [chosen, rejected]} with the adapter off (or the starting adapter), computed once and
     appended to `path` as it goes, so a restart only computes what is missing."""
     cached = {}
@@ -599,7 +831,7 @@ def reference_logps(model, processor, pairs, encoded, path, device, show):
     if todo:
         with open(path, "a", encoding="utf-8") as f, torch.no_grad(), reference_mode(model):
             for i in tqdm(todo, desc="reference", unit="pair", disable=not show):
-                sums, _ = rows_logps(model, processor, [encoded[i]], device)
+                sums, _ = rows_logps(model, processor, [encoded[i]], device, args.shared_prompt, args.fused_head)
                 cached[str(pairs[i]["id"])] = sums.tolist()
                 f.write(json.dumps({"id": pairs[i]["id"], "logps": sums.tolist()}) + "\n")
     return cached
@@ -666,7 +898,7 @@ def train(args):
     encoded = [encode_pair(processor, p, args.num_frames) for p in tqdm(pairs, desc="encode", unit="pair", disable=not main_process)]
     os.makedirs(args.out, exist_ok=True)
     reference = reference_logps(model, processor, pairs, encoded, os.path.join(args.out, f"reference_logps.rank{rank}.jsonl"),
-                                device, main_process)
+                                device, main_process, args)
     model.train()
 
     micro_per_step = args.grad_accum * world
@@ -688,7 +920,8 @@ def train(args):
             began, totals = time.perf_counter(), {}
             mine = batches[start + rank:start + micro_per_step:world]
             for micro in mine:
-                sums, counts = rows_logps(model, processor, [encoded[i] for i in micro], device)
+                sums, counts = rows_logps(model, processor, [encoded[i] for i in micro], device, args.shared_prompt,
+                                          args.fused_head)
                 ref = torch.tensor([reference[str(pairs[i]["id"])] for i in micro], device=device)
                 loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[:, 0], ref[:, 1],
                                          -sums[0::2] / counts[0::2].clamp(min=1), args.beta, args.alpha)

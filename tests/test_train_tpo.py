@@ -91,9 +91,11 @@ def pairs_file(tmp_path_factory):
     return make_pairs(tmp_path_factory.mktemp("pairs"))
 
 
+@pytest.mark.parametrize("shared_prompt", [True, False], ids=["packed", "two-sequences"])
 @pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
-def test_shared_vision_pass_equals_the_models_own_forward(tiny_models, pairs_file, arch):
-    """rows_logps (vision once, response-only head, kernel) == log-softmax of the model's plain forward."""
+def test_shared_vision_pass_equals_the_models_own_forward(tiny_models, pairs_file, arch, shared_prompt):
+    """rows_logps (vision once, response-only head, fused kernel; packed or not) == log-softmax of the
+    model's plain forward over each sequence alone."""
     model, processor = tpo.load_model(tiny_models[arch], four_bit=False, device=torch.device("cpu"))
     model.eval()
     pairs = tpo.load_pairs(str(pairs_file))[:2]
@@ -103,7 +105,7 @@ def test_shared_vision_pass_equals_the_models_own_forward(tiny_models, pairs_fil
     tower = model.model.visual if arch == "qwen2_vl" else model.model.vision_tower
     hook = tower.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        sums, counts = tpo.rows_logps(model, processor, encoded, torch.device("cpu"))
+        sums, counts = tpo.rows_logps(model, processor, encoded, torch.device("cpu"), shared_prompt=shared_prompt)
     assert len(calls) == 1  # one vision call for both pairs' videos, shared by chosen and rejected
     for row, example in enumerate(e for pair in encoded for e in pair):
         batch = tpo.collate([example], processor.tokenizer.pad_token_id)
@@ -231,6 +233,101 @@ def test_bad_pairs_are_one_line(tiny_models, pairs_file, tmp_path, case):
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {expect}"), result.stderr[-2000:]
 
 
+def fused_reference(hidden, weight, labels, upstream):
+    """float64 log p(labels) under hidden @ weight.T, and its gradients for hidden and weight."""
+    hidden64, weight64 = (t.detach().double().requires_grad_(True) for t in (hidden, weight))
+    logits = hidden64 @ weight64.T
+    picked = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    picked = torch.where(labels != -100, picked, torch.zeros_like(picked))
+    picked.backward(upstream.double())
+    return picked.detach(), hidden64.grad, weight64.grad
+
+
+@pytest.mark.parametrize("tokens,width,vocab,dtype", [
+    (7, 16, 130, torch.float32),       # fewer tokens than a block, a partial vocabulary block
+    (70, 48, 1000, torch.float32),     # several token blocks, width not a multiple of the block
+    (33, 64, 515, torch.bfloat16),
+])
+def test_fused_logprobs_match_float64_and_the_logits_path(tokens, width, vocab, dtype):
+    assert tpo._use_triton(torch.empty(1)), "the Triton path must be the one under test"
+    generator = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, width, generator=generator).to(dtype).requires_grad_(True)
+    weight = (torch.randn(vocab, width, generator=generator) / width ** 0.5 * 4).to(dtype).requires_grad_(True)
+    labels = torch.randint(0, vocab, (tokens,), generator=generator)
+    labels[::5] = -100
+    upstream = torch.randn(tokens, generator=generator)
+    out = tpo.fused_token_logprobs(hidden, weight, labels)
+    out.backward(upstream)
+    expected, grad_hidden, grad_weight = fused_reference(hidden, weight, labels, upstream)
+    assert out.dtype == torch.float32 and (out[::5] == 0).all() and (hidden.grad[::5] == 0).all()
+    exact = dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5 if exact else 1e-2)
+    torch.testing.assert_close(hidden.grad.double(), grad_hidden, rtol=1e-5 if exact else 2e-2, atol=1e-5 if exact else 1e-2)
+    torch.testing.assert_close(weight.grad.double(), grad_weight, rtol=1e-5 if exact else 2e-2, atol=1e-5 if exact else 1e-2)
+    hidden.grad = None
+    logits_path = tpo.token_logprobs(hidden @ weight.T, labels)
+    torch.testing.assert_close(out, logits_path, rtol=1e-5, atol=1e-5 if exact else 6e-2)  # bf16 logits round
+
+
+def test_fused_logprobs_skip_a_frozen_head_and_match_the_pytorch_path(monkeypatch):
+    hidden = torch.randn(40, 32, requires_grad=True)
+    weight = torch.randn(300, 32)  # frozen, as the LM head is under QLoRA
+    labels = torch.randint(0, 300, (40,))
+    labels[3] = -100
+    upstream = torch.randn(40)
+    triton_out = tpo.fused_token_logprobs(hidden, weight, labels)
+    (triton_grad,) = torch.autograd.grad(triton_out, hidden, upstream)
+    assert weight.grad is None
+    monkeypatch.setattr(tpo, "_use_triton", lambda _: False)
+    monkeypatch.setattr(tpo, "_chunk_rows", lambda vocab: 7)  # several chunks
+    torch_out = tpo.fused_token_logprobs(hidden, weight, labels)
+    (torch_grad,) = torch.autograd.grad(torch_out, hidden, upstream)
+    torch.testing.assert_close(torch_out, triton_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch_grad, triton_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_packed_pairs_equal_two_sequences_with_gradients(tiny_models, pairs_file, arch):
+    """[prompt, chosen, rejected] in one row gives the same log-probs, and the same LoRA gradients,
+    as chosen and rejected run as two sequences."""
+    from peft import LoraConfig, get_peft_model
+    model, processor = tpo.load_model(tiny_models[arch], four_bit=False, device=torch.device("cpu"))
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                             target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)"))
+    pairs = tpo.load_pairs(str(pairs_file))[:3]
+    pairs[0] = dict(pairs[0], rejected="No.")
+    pairs[2] = dict(pairs[2], chosen="The square moves from the left edge to the right edge, slowly and steadily.")
+    encoded = [tpo.encode_pair(processor, p, 8) for p in pairs]
+    weights = torch.randn(6)
+    results = {}
+    for shared in (True, False):
+        model.zero_grad()
+        sums, counts = tpo.rows_logps(model, processor, encoded, torch.device("cpu"), shared_prompt=shared)
+        (sums * weights).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results[shared] = sums.detach(), counts, grads
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=1e-4)
+    assert results[True][1].tolist() == results[False][1].tolist()
+    assert len(results[True][2]) > 0
+    for name, grad in results[True][2].items():
+        torch.testing.assert_close(grad, results[False][2][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert any(g.abs().max() > 0 for g in results[True][2].values())
+
+
+def test_packed_rows_hide_the_chosen_answer_from_the_rejected_one():
+    chosen = {"input_ids": [1, 2, 3, 10, 11], "labels": [-100, -100, -100, 10, 11]}
+    rejected = {"input_ids": [1, 2, 3, 20], "labels": [-100, -100, -100, 20]}
+    positions = torch.arange(5).expand(2, 5)
+    ids, mask, pos, (rows, sources, targets, owners) = tpo.packed_pairs([(chosen, rejected)], positions, 0,
+                                                                         torch.float32, torch.device("cpu"))
+    assert ids.tolist() == [[1, 2, 3, 10, 11, 20]] and pos.tolist() == [[0, 1, 2, 3, 4, 3]]
+    seen = (mask[0, 0] == 0).int().tolist()
+    assert seen[5] == [1, 1, 1, 0, 0, 1]  # the rejected token sees the prompt and itself only
+    assert seen[4] == [1, 1, 1, 1, 1, 0] and seen[2] == [1, 1, 1, 0, 0, 0]
+    assert sources.tolist() == [2, 3, 2] and targets.tolist() == [10, 11, 20] and owners.tolist() == [0, 0, 1]
+
+
 def test_importing_does_not_train():
     assert callable(tpo.main) and not hasattr(tpo, "args")
 
@@ -253,3 +350,22 @@ def test_compiled_kernel_at_qwen2_vocabulary(dtype):
     expected.backward(upstream[rows].double())
     torch.testing.assert_close(out[rows].double(), expected, rtol=1e-4, atol=1e-4 if dtype == torch.float32 else 2e-2)
     torch.testing.assert_close(logits.grad[rows].double(), logits64.grad, rtol=1e-2, atol=1e-6 if dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_fused_kernel_at_qwen2_sizes():
+    """The compiled fused kernel at hidden 3,584 and vocabulary 152,064 (bf16), against float64 on sampled rows."""
+    assert os.environ.get("TRITON_INTERPRET") != "1"
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(1024, 3584, device="cuda", generator=generator).bfloat16().requires_grad_(True)
+    weight = (torch.randn(152064, 3584, device="cuda", generator=generator) * 3584 ** -0.5).bfloat16()
+    labels = torch.randint(0, 152064, (1024,), device="cuda", generator=generator)
+    labels[::7] = -100
+    upstream = torch.randn(1024, device="cuda", generator=generator)
+    out = tpo.fused_token_logprobs(hidden, weight, labels)
+    out.backward(upstream)
+    rows = torch.arange(0, 1024, 61, device="cuda")
+    expected, grad_hidden, _ = fused_reference(hidden[rows], weight, labels[rows], upstream[rows])
+    torch.testing.assert_close(out[rows].double(), expected, rtol=1e-3, atol=2e-2)
+    torch.testing.assert_close(hidden.grad[rows].double(), grad_hidden, rtol=2e-2, atol=2e-2)
