@@ -519,16 +519,19 @@ if triton is not None:
         return acc
 
     @triton.jit
-    def _fused_forward_kernel(h_ptr, w_ptr, labels_ptr, logprob_ptr, lse_ptr, n_rows, vocab, width, h_stride, w_stride,
-                              ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
-                              PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """A block of tokens: online logsumexp over vocabulary blocks; the target logit by an indexed dot."""
+    def _fused_forward_kernel(h_ptr, w_ptr, labels_ptr, target_ptr, lse_ptr, n_rows, vocab, width, h_stride, w_stride,
+                              split_size, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """A block of tokens x one split of the vocabulary: online logsumexp over the split's blocks
+        (the splits' results are combined afterwards); the first split also writes the target logit,
+        an indexed dot of each hidden state with its label's weight row."""
         rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        split = tl.program_id(1)
         inside = rows < n_rows
         labels = tl.load(labels_ptr + rows, mask=inside, other=ignore_index)
         running_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
         running_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, vocab, BLOCK_V):
+        for start in range(split * split_size, tl.minimum(vocab, (split + 1) * split_size), BLOCK_V):
             cols = (start + tl.arange(0, BLOCK_V)).to(tl.int64)
             logits = _logit_block(h_ptr, w_ptr, rows, cols, n_rows, vocab, width, h_stride, w_stride,
                                   BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
@@ -536,17 +539,17 @@ if triton is not None:
             new_max = tl.maximum(running_max, tl.max(logits, 1))
             running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
             running_max = new_max
-        lse = running_max + tl.log(running_sum)
-        target_rows = tl.where(labels == ignore_index, 0, labels).to(tl.int64)
-        target = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for start in range(0, width, BLOCK_H):
-            k = start + tl.arange(0, BLOCK_H)
-            both = inside[:, None] & (k[None, :] < width)
-            h = tl.load(h_ptr + rows[:, None] * h_stride + k[None, :], mask=both, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + target_rows[:, None] * w_stride + k[None, :], mask=both, other=0.0).to(tl.float32)
-            target += tl.sum(h * w, 1)
-        tl.store(lse_ptr + rows, lse, mask=inside)
-        tl.store(logprob_ptr + rows, tl.where(labels != ignore_index, target - lse, 0.0), mask=inside)
+        tl.store(lse_ptr + split * n_rows + rows, running_max + tl.log(running_sum), mask=inside)
+        if split == 0:
+            target_rows = tl.where(labels == ignore_index, 0, labels).to(tl.int64)
+            target = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, width, BLOCK_H):
+                k = start + tl.arange(0, BLOCK_H)
+                both = inside[:, None] & (k[None, :] < width)
+                h = tl.load(h_ptr + rows[:, None] * h_stride + k[None, :], mask=both, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + target_rows[:, None] * w_stride + k[None, :], mask=both, other=0.0).to(tl.float32)
+                target += tl.sum(h * w, 1)
+            tl.store(target_ptr + rows, target, mask=inside)
 
     @triton.jit
     def _fused_backward_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, grad_out_ptr, grad_h_ptr, grad_w_ptr, n_rows, vocab,
@@ -588,18 +591,33 @@ def _fused_blocks(hidden):
     return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_H=64, PRECISION=precision, UPCAST=upcast)
 
 
+def _vocab_splits(token_blocks, vocab, block_v, device):
+    """Vocabulary columns per split, so that token blocks x splits fill the GPU (twice its SMs)
+    even when there are few tokens."""
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    splits = max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(2 * processors, token_blocks)))
+    return triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
+
+
 def _fused_forward(hidden, weight, labels, ignore_index):
     rows, width = hidden.shape
     vocab = weight.shape[0]
-    logprobs = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
-    lse = torch.zeros(rows, dtype=torch.float32, device=hidden.device)
     if rows == 0:
-        return logprobs, lse
+        return torch.zeros(0, device=hidden.device), torch.zeros(0, device=hidden.device)
     if _use_triton(hidden):
         blocks = _fused_blocks(hidden)
-        _fused_forward_kernel[(triton.cdiv(rows, blocks["BLOCK_N"]),)](
-            hidden, weight, labels, logprobs, lse, rows, vocab, width, hidden.stride(0), weight.stride(0), ignore_index, **blocks)
-        return logprobs, lse
+        token_blocks = triton.cdiv(rows, blocks["BLOCK_N"])
+        split_size = _vocab_splits(token_blocks, vocab, blocks["BLOCK_V"], hidden.device)
+        splits = triton.cdiv(vocab, split_size)
+        target = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        partial = torch.empty(splits, rows, dtype=torch.float32, device=hidden.device)
+        _fused_forward_kernel[(token_blocks, splits)](
+            hidden, weight, labels, target, partial, rows, vocab, width, hidden.stride(0), weight.stride(0), split_size,
+            ignore_index, **blocks)
+        lse = torch.logsumexp(partial, 0)
+        return torch.where(labels != ignore_index, target - lse, 0.0), lse
+    logprobs = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
     step = _chunk_rows(vocab)
     for start in range(0, rows, step):  # PyTorch: one chunk of logits at a time, never all of them
         end = min(rows, start + step)
