@@ -558,7 +558,7 @@ def frame_features(model, processor, videos, device):
 
 def encode_videos(model, processor, records, out, num_frames, batch_size, device, cache_key):
     """{id: [units, width]} for every record; features already cached under the same key are reused."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
     path = os.path.join(out, "features.safetensors")
     cached = {}
     if os.path.isfile(path):
@@ -576,13 +576,8 @@ def encode_videos(model, processor, records, out, num_frames, batch_size, device
             cached[r["id"]] = f.contiguous()
     if todo:
         with atomic_write(path, "wb") as f:
-            f.write(save(cached, cache_key))
+            f.write(save(cached, metadata=cache_key))
     return {r["id"]: cached[r["id"]] for r in records}
-
-
-def save(tensors, metadata):
-    from safetensors.torch import save
-    return save(tensors, metadata=metadata)
 
 
 # ---------------------------------------------------------------- probes

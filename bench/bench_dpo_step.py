@@ -11,7 +11,6 @@ Usage: python bench/bench_dpo_step.py [--model DIR] [--frames 128] [--steps 10] 
 """
 import argparse
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -23,16 +22,12 @@ import time
 
 import torch
 
+from stages import load_stage
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 ANSWER = "The small square slides from the left edge towards the right edge, then stops near the corner."
 
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("train_tpo", os.path.join(REPO, "05_train_tpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def saved_bytes(storages):
@@ -47,7 +42,7 @@ def saved_bytes(storages):
 def run_case(shared, model_dir, video, frames, steps, four_bit):
     """(median seconds per pair, bytes saved for backward, CUDA peak bytes or None, prompt tokens,
     visual tokens, answer tokens) in this process."""
-    tpo = load_stage()
+    tpo = load_stage("05_train_tpo.py")
     device = tpo.pick_device()
     args = tpo.parse_args(["--model", model_dir, "--pairs", "-", "--out", "-"] + ([] if four_bit else ["--no-4bit"]))
     model, processor = tpo.load_model(model_dir, four_bit, device)

@@ -11,7 +11,6 @@ chunked PyTorch path. TRL is optional (`pip install trl==1.16.0` in the bench en
 Usage: python bench/bench_fused_logprobs.py [--tokens 512 2048] [--hidden 896] [--vocab 152064] [--dtype fp32]
 """
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -23,20 +22,14 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from stages import load_stage
+
 METHODS = ("plain", "trl", "fused")
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("train_tpo", os.path.join(REPO, "05_train_tpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def method_fn(method):
     if method == "fused":
-        return load_stage().fused_token_logprobs
+        return load_stage("05_train_tpo.py").fused_token_logprobs
     if method == "trl":
         from trl.kernels.chunked_logprob import ChunkedLogProbFunction
         # TRL's own default tiling: 4,096 tokens x 32,768 vocabulary; no optional outputs
@@ -147,7 +140,7 @@ def main():
         base = results.get("plain")
         for method, (seconds, extra, forward) in results.items():
             flops = 2 * tokens * hidden * args.vocab / forward
-            vs = lambda other, i: f"{(seconds, extra)[i] / max(other[i], 1):.2f}x" if other else "-"
+            vs = lambda other, i: f"{(seconds, extra)[i] / max(other[i], 1e-9):.2f}x" if other else "-"
             print(f"| {tokens} | {method} | {1000 * seconds:.1f} | {vs(base, 0) if base else '-'} | {extra / 2**20:.0f} | "
                   f"{vs(base, 1)} | {vs(results.get('trl'), 1)} | {flops / rate:.2f} |")
 

@@ -8,7 +8,6 @@ resident memory (a fresh subprocess per method, so each peak is its own).
 Usage: python bench/bench_logprobs.py [--tokens 2048] [--vocab 152064] [--dtype bf16]
 """
 import argparse
-import importlib.util
 import json
 import os
 import resource
@@ -19,14 +18,7 @@ import time
 
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_stage():
-    spec = importlib.util.spec_from_file_location("train_tpo", os.path.join(REPO, "05_train_tpo.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from stages import load_stage
 
 
 def plain(logits, labels):
@@ -37,7 +29,7 @@ def plain(logits, labels):
 def run_case(method, tokens, vocab, dtype, repeats):
     """One method in this process: (median seconds, peak bytes beyond logits + their gradient)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    fn = load_stage().token_logprobs if method == "kernel" else plain
+    fn = load_stage("05_train_tpo.py").token_logprobs if method == "kernel" else plain
     logits = torch.randn(tokens, vocab, device=device, dtype=dtype).requires_grad_(True)
     labels = torch.randint(0, vocab, (tokens,), device=device)
     upstream = torch.randn(tokens, device=device)

@@ -5,7 +5,6 @@ optimizer steps of 03_train_t3.py's own encode/collate/LoRA path. Reports tokens
 on CUDA, peak memory. Usage: python bench/bench_train_t3.py [--steps 20] [--hidden 128] [--layers 4]
 """
 import argparse
-import importlib.util
 import os
 import platform
 import statistics
@@ -15,15 +14,11 @@ import time
 
 import torch
 
+from stages import load_stage
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-
-def load(filename):
-    spec = importlib.util.spec_from_file_location(filename[3:-3], os.path.join(REPO, filename))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def time_steps(t3, model_dir, examples, four_bit, steps, batch_size):
@@ -59,7 +54,7 @@ def main():
     p.add_argument("--layers", type=int, default=4)
     args = p.parse_args()
     import tiny_model
-    t3, synth = load("03_train_t3.py"), load("01_synthesize.py")
+    t3 = load_stage("03_train_t3.py")
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = tiny_model.build(os.path.join(tmp, "model"), hidden=args.hidden, layers=args.layers)
         os.system(f"{sys.executable} {REPO}/01_synthesize.py --out {tmp}/t3 --num-train 256 --num-val 1 --scales 1x 2x >/dev/null 2>&1")
