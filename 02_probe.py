@@ -275,6 +275,45 @@ def decodable_frames(reader):
 # ---- end shared: frames ----
 
 
+# ---- shared: logs (identical copies in the stages that keep JSONL logs) ----
+def read_log(path):
+    """Records of an append-only JSONL log; a torn last line (a kill mid-write) is ignored."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    return records
+
+
+def write_jsonl(path, records):
+    """Replace `path` with these records, atomically."""
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def append_jsonl(path, records):
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+# ---- end shared: logs ----
+
+
+# ---- shared: chat (identical copies in the stages that prompt the model in batches) ----
+def chat_inputs(processor, requests, device):
+    """Left-padded model inputs for requests [(frames or None, text)], ready for the reply.
+    A batch must be all video or all text (processors pair videos with placeholders in order)."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": ([{"type": "video"}] if frames is not None else []) + [{"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False) for frames, text in requests]
+    videos = [frames for frames, _ in requests if frames is not None] or None
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(device)
+# ---- end shared: chat ----
+
+
 # ---- shared: choice (identical copies in the stages that ask multiple-choice questions) ----
 LETTERS = "ABCDEFGHIJ"
 YES_NO = ("yes", "no")
@@ -297,16 +336,6 @@ def reply_token_ids(tokenizer, options):
     replies = [(w, w.capitalize()) for w in YES_NO] if is_yes_no(options) else [(L,) for L in LETTERS[:len(options)]]
     return [sorted({tokenizer(r, add_special_tokens=False)["input_ids"][0] for r in variants}) for variants in replies]
 
-
-def chat_inputs(processor, requests, device):
-    """Left-padded model inputs for requests [(frames or None, text)], ready for the reply.
-    A batch must be all video or all text (processors pair videos with placeholders in order)."""
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": ([{"type": "video"}] if frames is not None else []) + [{"type": "text", "text": text}]}],
-        add_generation_prompt=True, tokenize=False) for frames, text in requests]
-    videos = [frames for frames, _ in requests if frames is not None] or None
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(device)
 
 
 @torch.no_grad()
@@ -558,14 +587,14 @@ def frame_features(model, processor, videos, device):
 
 def encode_videos(model, processor, records, out, num_frames, batch_size, device, cache_key):
     """{id: [units, width]} for every record; features already cached under the same key are reused."""
-    from safetensors.torch import load_file, save
+    from safetensors import safe_open
+    from safetensors.torch import save
     path = os.path.join(out, "features.safetensors")
     cached = {}
     if os.path.isfile(path):
-        from safetensors import safe_open
         with safe_open(path, "pt") as f:
             if f.metadata() == cache_key:
-                cached = load_file(path)
+                cached = {key: f.get_tensor(key) for key in f.keys()}
     todo = [r for r in records if r["id"] not in cached]
     print(f"visual encodings: {len(records) - len(todo)} reused from {path}, {len(todo)} to compute")
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -749,11 +778,6 @@ def report(records, features, answers, args, meta):
                 f"description; the video LLM sees {args.num_frames} frames.\n\n{table}\n\n{summary}\n")
     print(table)
     print(summary)
-
-
-def write_jsonl(path, records):
-    with atomic_write(path) as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def bench_records(records, out):

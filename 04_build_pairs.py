@@ -367,12 +367,46 @@ def plan_attempt(slot, video, args):
     return attempt
 
 
+# ---- shared: logs (identical copies in the stages that keep JSONL logs) ----
+def read_log(path):
+    """Records of an append-only JSONL log; a torn last line (a kill mid-write) is ignored."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    return records
+
+
+def write_jsonl(path, records):
+    """Replace `path` with these records, atomically."""
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def append_jsonl(path, records):
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+# ---- end shared: logs ----
+
+
+# ---- shared: chat (identical copies in the stages that prompt the model in batches) ----
+def chat_inputs(processor, requests, device):
+    """Left-padded model inputs for requests [(frames or None, text)], ready for the reply.
+    A batch must be all video or all text (processors pair videos with placeholders in order)."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": ([{"type": "video"}] if frames is not None else []) + [{"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False) for frames, text in requests]
+    videos = [frames for frames, _ in requests if frames is not None] or None
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(device)
+# ---- end shared: chat ----
+
+
 # ---------------------------------------------------------------- the model, batched
-
-def user_prompt(processor, text, with_video):
-    content = ([{"type": "video"}] if with_video else []) + [{"type": "text", "text": text}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False)
-
 
 def batched(requests, batch_size):
     """Groups of request indices with the same number of frames (some processors stack videos)."""
@@ -384,19 +418,13 @@ def batched(requests, batch_size):
             yield indices[start:start + batch_size]
 
 
-def model_inputs(processor, requests, indices, device):
-    texts = [user_prompt(processor, requests[i][1], requests[i][0] is not None) for i in indices]
-    videos = [requests[i][0] for i in indices] if requests[indices[0]][0] is not None else None
-    return processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(device)
-
-
 @torch.no_grad()
 def generate(model, processor, requests, args, device):
     """[(text, truncated)] for requests [(frames or None, prompt)]: greedy, batched."""
     results = [None] * len(requests)
     eos = processor.tokenizer.eos_token_id
     for indices in batched(requests, args.batch_size):
-        inputs = model_inputs(processor, requests, indices, device)
+        inputs = chat_inputs(processor, [requests[i] for i in indices], device)
         sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0} if args.temperature > 0 else {"do_sample": False}
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **sampling)
         for i, row in zip(indices, output[:, inputs["input_ids"].shape[1]:].tolist()):
@@ -413,7 +441,7 @@ def choice_logprobs(model, processor, prompts, choices, args, device):
     requests = [(None, p) for p in prompts]
     scores = [None] * len(prompts)
     for indices in batched(requests, args.batch_size):
-        inputs = model_inputs(processor, requests, indices, device)
+        inputs = chat_inputs(processor, [requests[i] for i in indices], device)
         last = torch.log_softmax(model(**inputs).logits[:, -1].float(), -1)[:, ids]
         for i, row in zip(indices, last.tolist()):
             scores[i] = row
@@ -496,19 +524,6 @@ def pair_record(a, out_dir):
 
 # ---------------------------------------------------------------- logs that survive a kill
 
-def read_log(path):
-    """Records of an append-only log; a torn last line (a kill mid-write) is ignored."""
-    records = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-    return records
-
-
 def restore(out_dir):
     """Finished attempts and kept pairs from an earlier run, made consistent with each other:
     a pair counts only if its attempt is logged, and a kept attempt only if its pair is there."""
@@ -516,11 +531,6 @@ def restore(out_dir):
     attempts = [a for a in read_log(os.path.join(out_dir, "attempts.jsonl")) if a["kept"] is False or a["id"] in pairs]
     kept = {a["id"] for a in attempts if a["kept"]}
     return attempts, [p for pid, p in pairs.items() if pid in kept]
-
-
-def rewrite(path, records):
-    with atomic_write(path) as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
 
 def write_stats(out_dir, attempts, bad_videos, targets, seconds, made):
@@ -547,8 +557,8 @@ def main():
     if not args.resume and os.path.exists(attempts_path):
         raise InputError(f"{args.out}: already holds attempts.jsonl; pass --resume to continue or choose another --out")
     done, pairs = restore(args.out) if args.resume else ([], [])
-    rewrite(attempts_path, done)
-    rewrite(pairs_path, pairs)
+    write_jsonl(attempts_path, done)
+    write_jsonl(pairs_path, pairs)
 
     usable, bad = usable_videos(videos, min_frames=max(8, args.sparse_frames + 4), show=True)
     if not usable:
@@ -561,7 +571,6 @@ def main():
             raise InputError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
         model = PeftModel.from_pretrained(model, args.adapter)
     model.eval()
-    processor.tokenizer.padding_side = "left"
 
     local_target = round(args.num_pairs * args.local_share)
     targets = {"localized": local_target, "comprehensive": args.num_pairs - local_target}
@@ -589,10 +598,8 @@ def main():
                            "kept": keep, "dropped_by": a["dropped_by"]})
             if keep:
                 new_pairs.append(pair_record(a, args.out))
-        with open(pairs_path, "a", encoding="utf-8") as f:  # pairs first: an unlogged pair is dropped on resume
-            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in new_pairs)
-        with open(attempts_path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in logged)
+        append_jsonl(pairs_path, new_pairs)  # pairs first: an unlogged pair is dropped on resume
+        append_jsonl(attempts_path, logged)
         done += logged
         bar.update(len(new_pairs))
         bar.set_postfix(tried=len(done))

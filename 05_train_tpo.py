@@ -809,7 +809,9 @@ def rows_logps(model, processor, pairs_encoded, device, shared_prompt=True, fuse
     and backward run once per pair."""
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
     rows = [row for pair in pairs_encoded for row in pair]
-    batch = {k: v.to(device) for k, v in collate(rows, processor.tokenizer.pad_token_id).items()}
+    # token-level fields only: the vision inputs go to the device once per pair, below
+    batch = {k: v.to(device) for k, v in collate(rows, processor.tokenizer.pad_token_id).items()
+             if not k.startswith("pixel_values")}
     positions = separate_positions(hf_model, batch, rows)
     vision_keys = [k for k in pairs_encoded[0][0]["extras"] if k.startswith("pixel_values")]
     if shared_prompt:

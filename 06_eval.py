@@ -271,6 +271,45 @@ def decodable_frames(reader):
 # ---- end shared: frames ----
 
 
+# ---- shared: logs (identical copies in the stages that keep JSONL logs) ----
+def read_log(path):
+    """Records of an append-only JSONL log; a torn last line (a kill mid-write) is ignored."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    return records
+
+
+def write_jsonl(path, records):
+    """Replace `path` with these records, atomically."""
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def append_jsonl(path, records):
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+# ---- end shared: logs ----
+
+
+# ---- shared: chat (identical copies in the stages that prompt the model in batches) ----
+def chat_inputs(processor, requests, device):
+    """Left-padded model inputs for requests [(frames or None, text)], ready for the reply.
+    A batch must be all video or all text (processors pair videos with placeholders in order)."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": ([{"type": "video"}] if frames is not None else []) + [{"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False) for frames, text in requests]
+    videos = [frames for frames, _ in requests if frames is not None] or None
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(device)
+# ---- end shared: chat ----
+
+
 # ---- shared: choice (identical copies in the stages that ask multiple-choice questions) ----
 LETTERS = "ABCDEFGHIJ"
 YES_NO = ("yes", "no")
@@ -293,16 +332,6 @@ def reply_token_ids(tokenizer, options):
     replies = [(w, w.capitalize()) for w in YES_NO] if is_yes_no(options) else [(L,) for L in LETTERS[:len(options)]]
     return [sorted({tokenizer(r, add_special_tokens=False)["input_ids"][0] for r in variants}) for variants in replies]
 
-
-def chat_inputs(processor, requests, device):
-    """Left-padded model inputs for requests [(frames or None, text)], ready for the reply.
-    A batch must be all video or all text (processors pair videos with placeholders in order)."""
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": ([{"type": "video"}] if frames is not None else []) + [{"type": "text", "text": text}]}],
-        add_generation_prompt=True, tokenize=False) for frames, text in requests]
-    videos = [frames for frames, _ in requests if frames is not None] or None
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(device)
 
 
 @torch.no_grad()
@@ -576,18 +605,6 @@ def prediction_record(variant, bench, item, predicted, raw):
             "correct": predicted == item["answer"], **raw}
 
 
-def read_predictions(path):
-    """Predictions written so far; a line torn by a kill is dropped."""
-    records = []
-    if os.path.isfile(path):
-        for line in open(path, encoding="utf-8"):
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return records
-
-
 # ---------------------------------------------------------------- results
 
 def summarize(predictions, skipped):
@@ -658,14 +675,13 @@ def merge(args):
         path = os.path.join(folder, "predictions.jsonl")
         if not os.path.isfile(path):
             raise InputError(f"{folder}: no predictions.jsonl")
-        predictions += read_predictions(path)
+        predictions += read_log(path)
         if os.path.isfile(os.path.join(folder, "results.json")):
             shard = json.load(open(os.path.join(folder, "results.json"), encoding="utf-8"))
             meta = {k: v for k, v in shard["meta"].items() if k != "shard"}
             for bench, count in shard["meta"].get("skipped", {}).items():
                 skipped[bench] = skipped.get(bench, 0) + count
-    with atomic_write(os.path.join(args.out, "predictions.jsonl")) as f:
-        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    write_jsonl(os.path.join(args.out, "predictions.jsonl"), predictions)
     print(write_results(args.out, predictions, skipped, {**meta, "skipped": skipped, "merged": args.merge}))
 
 
@@ -680,9 +696,8 @@ def main():
     items, missing = check_videos(items, args.skip_missing)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "predictions.jsonl")
-    predictions = read_predictions(path) if args.resume else []
-    with atomic_write(path) as f:  # drops a torn last line, or starts afresh without --resume
-        f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    predictions = read_log(path) if args.resume else []
+    write_jsonl(path, predictions)  # drops a torn last line, or starts afresh without --resume
     device = pick_device()
     model, processor, variants = load_variants(args, device)
     done = {(p["model"], p["bench"], p["id"]) for p in predictions}
@@ -703,8 +718,7 @@ def main():
                     scored = score_batch(model, processor, batch, frames, args, device)
                 new += [prediction_record(variant, bench, item, *s) for (bench, item), s in zip(batch, scored)
                         if (variant, bench, item["id"]) not in done]
-        with open(path, "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(p, ensure_ascii=False) + "\n" for p in new)
+        append_jsonl(path, new)
         predictions += new
         bar.update(len(batch) + len(bad))
     bar.close()
