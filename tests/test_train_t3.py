@@ -91,25 +91,44 @@ def test_frames_are_uniform_over_decodable_frames(tmp_path):
         t3.sample_frames(str(tmp_path / "bad.mp4"), 4)
 
 
-def test_training_lowers_loss_and_adapter_reloads_with_plain_peft(tiny_models, t3_data, tmp_path):
+@pytest.fixture(scope="module")
+def order_data(tmp_path_factory):
+    """The simplest family, "Which event happens first / last?", asked openly: the answer is the caption."""
+    out = tmp_path_factory.mktemp("order")
+    subprocess.run([sys.executable, os.path.join(REPO, "01_synthesize.py"), "--out", str(out), "--tasks", "order",
+                    "--num-train", "16000", "--num-val", "200", "--scales", "1x", "--mc-fraction", "0", "--seed", "1"],
+                   check=True, capture_output=True)
+    return out
+
+
+def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_path_factory, order_data):
+    """A real learning signal: validation captions are held out, options are never shown, and the model
+    starts at chance. Hidden 128 x 2 layers is the smallest tiny model seen to learn this (hidden 64 did
+    not in 32,000 records); it needs about 16,000 records, 500 steps, a few minutes on 2 CPU cores."""
+    import tiny_model
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    out = tmp_path / "run"
-    args = t3.parse_args(["--model", tiny_models["qwen2_vl"], "--train", str(t3_data / "t3_train.jsonl"),
-                          "--val", str(t3_data / "t3_val.jsonl"), "--out", str(out), "--max-steps", "24",
-                          "--batch-size", "8", "--grad-accum", "1", "--lr", "3e-3", "--no-4bit", "--save-every", "100"])
+    model_dir = tiny_model.build(str(tmp_path_factory.mktemp("models") / "h128"), hidden=128, layers=2)
+    out = tmp_path_factory.mktemp("order_run")
+    args = t3.parse_args(["--model", model_dir, "--train", str(order_data / "t3_train.jsonl"),
+                          "--val", str(order_data / "t3_val.jsonl"), "--out", str(out), "--max-steps", "500",
+                          "--batch-size", "32", "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "32", "--lora-alpha", "64",
+                          "--no-4bit", "--no-gradient-checkpointing", "--save-every", "1000", "--seed", "1"])
     trained = t3.train(args)
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
     losses = [e["loss"] for e in log if e["event"] == "train"]
-    assert len(losses) == 24
-    assert sum(losses[-6:]) / 6 < 0.7 * sum(losses[:6]) / 6
+    assert len(losses) == 500
+    assert sum(losses[-50:]) / 50 < 0.6 * sum(losses[:50]) / 50
     evals = [e for e in log if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [0, 24] and set(evals[0]["text"]) >= {"all", "order"}
+    assert [e["step"] for e in evals] == [0, 500]
+    before, after = evals[0]["text"]["order"], evals[1]["text"]["order"]
+    assert before < 0.32  # four options: chance is 0.25
+    assert after >= 0.40 and after >= before + 0.15, (before, after)
 
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
-    base = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen2_vl"])
+    base = AutoModelForImageTextToText.from_pretrained(model_dir)
     reloaded = PeftModel.from_pretrained(base, str(out)).eval()
-    processor = AutoProcessor.from_pretrained(tiny_models["qwen2_vl"])
+    processor = AutoProcessor.from_pretrained(model_dir)
     batch = processor(text=["Frame 1: A red kite flies above a quiet beach."], return_tensors="pt")
     trained.eval()
     with torch.no_grad():
