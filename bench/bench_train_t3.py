@@ -1,8 +1,13 @@
 """Stage 03 training throughput: one QLoRA step (4-bit NF4) against the same step unquantized.
 
 Builds a tiny Qwen2-VL (tests/tiny_model.py), synthesizes T3 records, and times
-optimizer steps of 03_train_t3.py's own encode/collate/LoRA path. Reports tokens/s and,
-on CUDA, peak memory. Usage: python bench/bench_train_t3.py [--steps 20] [--hidden 128] [--layers 4]
+optimizer steps of 03_train_t3.py's own load/encode/collate/LoRA path. Reports tokens/s
+and, on CUDA, peak memory. `--preset qwen2-vl-7b` instead writes a randomly initialized
+model with Qwen2-VL-7B's shapes (hidden 3,584, 28 layers, vocabulary 152,064; the tiny
+tokenizer's ids all fit in it), so the 4-bit vs bf16 comparison is at real size with no
+download; `--layers` cuts the depth (e.g. 1 to try the path on a CPU).
+
+Usage: python bench/bench_train_t3.py [--steps 20] [--hidden 128] [--layers 4] [--preset qwen2-vl-7b]
 """
 import argparse
 import os
@@ -19,6 +24,41 @@ from stages import load_stage
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+# Qwen2-VL-7B-Instruct's published config.json, the parts that set the compute.
+QWEN2_VL_7B = {
+    "text": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                 num_key_value_heads=4, vocab_size=152064, max_position_embeddings=32768,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]}),
+    "vision": dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2),
+}
+
+
+def write_preset_model(tiny_dir, out_dir, layers=None):
+    """A random Qwen2-VL with 7B shapes and the tiny model's processor, saved in bf16."""
+    from transformers import AutoConfig, AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    tiny = AutoConfig.from_pretrained(tiny_dir)
+    text = dict(QWEN2_VL_7B["text"], num_hidden_layers=layers or QWEN2_VL_7B["text"]["num_hidden_layers"],
+                bos_token_id=tiny.text_config.bos_token_id, eos_token_id=tiny.text_config.eos_token_id,
+                pad_token_id=tiny.text_config.pad_token_id)
+    config = Qwen2VLConfig(text_config=text, vision_config=QWEN2_VL_7B["vision"], image_token_id=tiny.image_token_id,
+                           video_token_id=tiny.video_token_id, vision_start_token_id=tiny.vision_start_token_id,
+                           vision_end_token_id=tiny.vision_end_token_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = Qwen2VLForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    model.save_pretrained(out_dir)
+    AutoProcessor.from_pretrained(tiny_dir).save_pretrained(out_dir)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return params
 
 
 def time_steps(t3, model_dir, examples, four_bit, steps, batch_size):
@@ -28,6 +68,7 @@ def time_steps(t3, model_dir, examples, four_bit, steps, batch_size):
     model = t3.prepare_lora(model, args)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times, tokens = [], 0
     for step in range(steps + 2):
@@ -51,12 +92,16 @@ def main():
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--hidden", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--layers", type=int, default=None, help="default: 4 for the tiny model, 28 for the preset")
+    p.add_argument("--preset", choices=["qwen2-vl-7b"], help="time a random model of this real architecture")
     args = p.parse_args()
     import tiny_model
     t3 = load_stage("03_train_t3.py")
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = tiny_model.build(os.path.join(tmp, "model"), hidden=args.hidden, layers=args.layers)
+        model_dir = tiny_model.build(os.path.join(tmp, "model"), hidden=args.hidden, layers=args.layers or 4)
+        if args.preset:
+            params = write_preset_model(model_dir, os.path.join(tmp, "preset"), args.layers)
+            model_dir = os.path.join(tmp, "preset")
         os.system(f"{sys.executable} {REPO}/01_synthesize.py --out {tmp}/t3 --num-train 256 --num-val 1 --scales 1x 2x >/dev/null 2>&1")
         from transformers import AutoProcessor
         processor = AutoProcessor.from_pretrained(model_dir)
@@ -65,8 +110,10 @@ def main():
         rows = [(name, *time_steps(t3, model_dir, examples, four_bit, args.steps, args.batch_size))
                 for name, four_bit in (("unquantized (baseline)", False), ("4-bit NF4 QLoRA", True))]
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    print(f"{device}; torch {torch.__version__}; python {platform.python_version()}; tiny Qwen2-VL hidden {args.hidden}, "
-          f"{args.layers} layers; batch {args.batch_size} T3 records (1x/2x)")
+    shape = (f"random {args.preset} ({params / 1e9:.2f}B parameters)" if args.preset else
+             f"tiny Qwen2-VL hidden {args.hidden}, {args.layers or 4} layers")
+    print(f"{device}; torch {torch.__version__}; python {platform.python_version()}; {shape}; "
+          f"batch {args.batch_size} T3 records (1x/2x)")
     print("| model weights | median step (ms) | tokens/s | ratio | peak memory (MiB) |")
     print("|---|---|---|---|---|")
     for name, step, speed, peak in rows:
