@@ -121,6 +121,7 @@ def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_pa
     assert sum(losses[-50:]) / 50 < 0.6 * sum(losses[:50]) / 50
     evals = [e for e in log if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [0, 500]
+    assert set(evals[0]["text"]) == {"all", "order"}  # overall and per family
     before, after = evals[0]["text"]["order"], evals[1]["text"]["order"]
     assert before < 0.32  # four options: chance is 0.25
     assert after >= 0.40 and after >= before + 0.15, (before, after)
