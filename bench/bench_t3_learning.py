@@ -13,13 +13,12 @@ Usage: python bench/bench_t3_learning.py [--steps 1000] [--batch-size 32] [--hid
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 
-import torch
+from stages import machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -52,8 +51,7 @@ def main():
         seconds = time.perf_counter() - began
         log = [json.loads(line) for line in open(f"{tmp}/run/train_log.jsonl")]
     train = [e for e in log if e["event"] == "train"]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    print(f"{device}; torch {torch.__version__}; python {platform.python_version()}; tiny Qwen2-VL hidden {args.hidden}, "
+    print(f"{machine()}; tiny Qwen2-VL hidden {args.hidden}, "
           f"{args.layers} layers; {args.steps} steps x {args.batch_size} order records (1x), lr {args.lr}, LoRA r 32; "
           f"{seconds:.0f} s including evaluations")
     print("| step | records seen | mean train loss (last 50 steps) | val accuracy, option text | vs step 0 |")

@@ -11,7 +11,6 @@ Usage: python bench/bench_train_t3.py [--steps 20] [--hidden 128] [--layers 4] [
 """
 import argparse
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import time
 
 import torch
 
-from stages import load_stage
+from stages import load_stage, machine
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
@@ -109,10 +108,9 @@ def main():
         examples = [t3.encode(processor, t3.chat_messages(r["conversations"])) for r in records]
         rows = [(name, *time_steps(t3, model_dir, examples, four_bit, args.steps, args.batch_size))
                 for name, four_bit in (("unquantized (baseline)", False), ("4-bit NF4 QLoRA", True))]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     shape = (f"random {args.preset} ({params / 1e9:.2f}B parameters)" if args.preset else
              f"tiny Qwen2-VL hidden {args.hidden}, {args.layers or 4} layers")
-    print(f"{device}; torch {torch.__version__}; python {platform.python_version()}; {shape}; "
+    print(f"{machine()}; {shape}; "
           f"batch {args.batch_size} T3 records (1x/2x)")
     print("| model weights | median step (ms) | tokens/s | ratio | peak memory (MiB) |")
     print("|---|---|---|---|---|")

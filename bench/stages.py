@@ -1,12 +1,22 @@
-"""Import a numbered stage script (its file name is not a valid module name) without running main()."""
+"""What the benchmarks share: importing a numbered stage script, and naming the machine they ran on."""
 import importlib.util
 import os
+import platform
+
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_stage(filename):
+    """A stage script as a module (its file name is not a valid module name), without running main()."""
     spec = importlib.util.spec_from_file_location(filename[3:-3], os.path.join(REPO, filename))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def machine():
+    """The device and versions a result was measured with, for the first line of its table."""
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    return f"{device}; torch {torch.__version__}; python {platform.python_version()}"
