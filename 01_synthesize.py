@@ -94,10 +94,13 @@ class InputError(Exception):
 
 def read_jsonl(path):
     """Yield (line_number, record) for every non-blank line; InputError names file and line."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    check_input_file(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -107,6 +110,40 @@ def read_jsonl(path):
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object")
             yield number, record
+
+
+def read_text(path):
+    """A whole text file (UTF-8; a byte-order mark is allowed); InputError names the first line that is not UTF-8."""
+    check_input_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def check_input_file(path):
+    """InputError unless `path` is a file this project can read as text (not a folder, gzip or Parquet)."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
+    if magic == b"PAR1":
+        raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+
+
+def make_out_dir(path):
+    """Create the output folder (and its parents); InputError if `path` is an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: exists and is not a folder; --out takes a folder")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 @contextmanager
@@ -132,6 +169,8 @@ def run_main(main):
     try:
         main()
     except InputError as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 # ---- end shared: io ----
@@ -141,10 +180,7 @@ def run_main(main):
 
 def load_caption_file(path):
     """Captions from JSONL {id, caption}, a LLaVA conversation list, or COCO captions_*.json."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text(path)
     if not text.strip():
         raise InputError(f"{path}: empty file, no captions")
     try:
@@ -686,6 +722,7 @@ def main():
                              "drop the 'attribute' task or give such captions")
         pools[split] = (pool, attribute_pool)
     config = {"seed": args.seed, "positions": args.positions}
+    make_out_dir(args.out)
     stats = {"source": source, "seed": args.seed, "captions": {"train": len(train_pool), "val": len(val_pool)}}
     for split, count in (("train", args.num_train), ("val", args.num_val)):
         jobs = plan_jobs(split, count, args.tasks, args.scales, args.seed, args.mc_fraction)

@@ -85,10 +85,13 @@ class InputError(Exception):
 
 def read_jsonl(path):
     """Yield (line_number, record) for every non-blank line; InputError names file and line."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    check_input_file(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -98,6 +101,40 @@ def read_jsonl(path):
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object")
             yield number, record
+
+
+def read_text(path):
+    """A whole text file (UTF-8; a byte-order mark is allowed); InputError names the first line that is not UTF-8."""
+    check_input_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def check_input_file(path):
+    """InputError unless `path` is a file this project can read as text (not a folder, gzip or Parquet)."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
+    if magic == b"PAR1":
+        raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+
+
+def make_out_dir(path):
+    """Create the output folder (and its parents); InputError if `path` is an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: exists and is not a folder; --out takes a folder")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 @contextmanager
@@ -123,6 +160,8 @@ def run_main(main):
     try:
         main()
     except InputError as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 # ---- end shared: io ----
@@ -141,21 +180,63 @@ def pick_device():
 def load_model(path, four_bit=True, device=None):
     """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
     quantization on the language model only; bf16 compute on CUDA, float32 on the CPU."""
+    import logging
+    import warnings
+    # Library notices a user cannot act on: bitsandbytes' hint to install an optional CPU kernel
+    # package, and transformers' renames of gradient_checkpointing_* that peft still calls.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
     device = device or pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
-    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise InputError(f"{path}: no such model folder")
+    cached_only = check_model_path(path)
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=cached_only)
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, quantization_config=quantization, device_map={"": device})
+            path, dtype=dtype, quantization_config=quantization, device_map={"": device}, local_files_only=cached_only)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    keep_4bit_layout(model)
     return model, processor
+
+
+def check_model_path(path):
+    """Fail in seconds, in one line, where transformers would retry the hub for minutes: a local path
+    that does not exist, or a hub id with the hub out of reach and no cached copy. Returns whether
+    to load from the cache only (a cached hub model while the hub is out of reach)."""
+    if os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path.split("/")[0])
+    if os.path.isfile(path):
+        raise InputError(f"{path}: a file, not a model folder")
+    if looks_local or os.path.exists(path):
+        raise InputError(f"{path}: no such model folder")
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    try:
+        model_info(path, timeout=10)
+        return False
+    except GatedRepoError:
+        return False  # it exists; transformers says what access it needs
+    except RepositoryNotFoundError:
+        raise InputError(f"{path}: no such model folder, nor a model on the hub") from None
+    except Exception:  # the hub is out of reach
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return True
+        raise InputError(f"{path}: no such model folder, and the hub is out of reach to download it") from None
+
+
+def keep_4bit_layout(model):
+    """Keep every 4-bit layer in the one weight layout that all CPUs and GPUs share. On CPUs with
+    AVX512-BF16, bitsandbytes repacks a layer for bf16 inference the first time it runs in eval
+    mode without gradients; a later backward through it fails (so evaluating, then training,
+    breaks) and its bf16 products differ from every other machine's."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def chat_messages(conversations, with_video=False):
@@ -224,28 +305,34 @@ def collate(examples, pad_id):
 
 
 # ---- shared: frames (identical copies in every stage that decodes video) ----
-def open_video(path):
-    """(decord reader, number of frames that really decode); InputError if none do."""
-    import decord
-    try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    except (decord.DECORDError, RuntimeError) as e:
-        raise InputError(f"{path}: cannot open video ({str(e).splitlines()[0][:120]})") from None
-    total = decodable_frames(reader)
-    if total == 0:
-        raise InputError(f"{path}: no decodable frames")
-    return reader, total
+# Decoding runs in a child process: a decoder that hangs (decord issue #373), crashes or leaks
+# (#208) costs one video, never the run, and ffmpeg's per-packet complaints stay out of the console.
+DECODE_TIMEOUT = float(os.environ.get("DECODE_TIMEOUT", 300))  # seconds per video before it is given up
+DECODER_RESTART_EVERY = 500  # videos per decoding process
+_decoder = {"process": None, "conn": None, "served": 0}
+decode_warnings = {}  # video path -> what went wrong decoding it (each printed once)
 
 
 def sample_frames(path, num_frames, indices=None):
-    """uint8 frames [T, H, W, 3] from a video, uniform over the frames that really decode
-    (or exactly `indices`). A container's frame count is checked, never trusted."""
-    reader, total = open_video(path)
-    if indices is None:
-        indices = uniform_indices(total, num_frames)
-    if max(indices) >= total:
-        raise InputError(f"{path}: frame {max(indices)} requested but only {total} decode")
-    return reader.get_batch(list(indices)).asnumpy()
+    """uint8 frames [T, H, W, 3]: `num_frames` spread uniformly over the video, or exactly `indices`."""
+    return read_frames(path, num_frames, indices)[0]
+
+
+def read_frames(path, num_frames=0, indices=None):
+    """(frames [T, H, W, 3] uint8, the frame index each shows). A frame that does not decode is
+    replaced by the nearest one that does (a uniform pick is spread over the decodable frames
+    instead), with a one-line warning per video; a video with no decodable frame, or one that
+    takes over DECODE_TIMEOUT seconds, is an InputError. The same file always gives the same frames."""
+    frames, shown, note = _ask_decoder(path, ("frames", path, num_frames, indices))
+    if note and path not in decode_warnings:
+        decode_warnings[path] = note
+        tqdm.write(f"warning: {path}: {note}", file=sys.stderr)
+    return frames, shown
+
+
+def video_length(path):
+    """Number of frames of a video whose every frame decodes; InputError naming what is wrong otherwise."""
+    return _ask_decoder(path, ("length", path, 0, None))
 
 
 def uniform_indices(total, count):
@@ -253,25 +340,155 @@ def uniform_indices(total, count):
     return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
 
 
-def decodable_frames(reader):
-    """The number of frames that actually decode: the container's count if its last frame
-    decodes, else a binary search for the last frame that does."""
-    def decodes(i):
+def _ask_decoder(path, request):
+    """Send a request to the decoding process (forked on first use, and again after a kill or every
+    DECODER_RESTART_EVERY videos) and wait at most DECODE_TIMEOUT seconds for its answer."""
+    import multiprocessing
+    state = _decoder
+    if state["process"] is None or not state["process"].is_alive() or state["served"] >= DECODER_RESTART_EVERY:
+        _stop_decoder()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the child never tokenizes: no fork warning
+        context = multiprocessing.get_context("fork")
+        state["conn"], child_end = context.Pipe()
+        state["process"] = context.Process(target=_decoder_loop, args=(child_end,), daemon=True)
+        state["process"].start()
+        child_end.close()
+        state["served"] = 0
+    state["conn"].send(request)
+    state["served"] += 1
+    if not state["conn"].poll(DECODE_TIMEOUT):
+        _stop_decoder()
+        raise InputError(f"{path}: decoding took over {DECODE_TIMEOUT:.0f} s (set DECODE_TIMEOUT to wait longer)")
+    try:
+        status, value = state["conn"].recv()
+    except (EOFError, OSError):
+        _stop_decoder()
+        raise InputError(f"{path}: the video decoder crashed on this file") from None
+    if status == "error":
+        raise InputError(f"{path}: {value}")
+    return value
+
+
+def _stop_decoder():
+    if _decoder["process"] is not None:
+        _decoder["process"].kill()
+        _decoder["process"].join()
+        _decoder["conn"].close()
+    _decoder.update(process=None, conn=None)
+
+
+def _decoder_loop(conn):
+    """The decoding process: answers requests until the pipe closes; ffmpeg's stderr goes nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    while True:
         try:
-            reader[i].asnumpy()
-            return True
-        except Exception:
-            return False
-    total = len(reader)
-    if total == 0 or decodes(total - 1):
-        return total
-    lo, hi = 0, total - 1  # frame lo decodes (or nothing does), frame hi does not
-    if not decodes(0):
-        return 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if decodes(mid) else (lo, mid)
-    return lo + 1
+            kind, path, num_frames, indices = conn.recv()
+        except EOFError:
+            return
+        try:
+            result = _decode(path, num_frames, indices) if kind == "frames" else _length(path)
+            conn.send(("ok", result))
+        except Exception as e:  # any decoder failure is this video's problem, reported in one line
+            conn.send(("error", str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__))
+
+
+def _decode(path, num_frames, indices):
+    """(frames, indices shown, note). decord reads exactly the asked frames of a healthy video; if it
+    fails in any way, every frame is decoded in order with PyAV (deterministic, where decord's
+    read-ahead makes the failures of a damaged file vary from run to run)."""
+    pick = (lambda total: list(indices)) if indices is not None else (lambda total: uniform_indices(total, num_frames))
+    try:
+        import decord
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        wanted = pick(len(reader))
+        if wanted and 0 <= min(wanted) and max(wanted) < len(reader):
+            return reader.get_batch(wanted).asnumpy(), wanted, None
+    except Exception:
+        pass
+    total, decodable = _decodable_frames(path)
+    wanted = pick(total)
+    if indices is not None and wanted and not 0 <= min(wanted) <= max(wanted) < total:
+        raise ValueError(f"frame {max(wanted)} asked for, but the video has {total} frame{'s' * (total != 1)}")
+    missing = sorted({i for i in wanted if i not in decodable})
+    note = None
+    if missing:
+        ordered = sorted(decodable)
+        if indices is None:
+            wanted = [ordered[i] for i in uniform_indices(len(ordered), num_frames)]
+            note = f"{len(ordered)} of {total} frames decode; the {num_frames} frames are spread over those"
+        else:
+            wanted = [i if i in decodable else min(ordered, key=lambda d: (abs(d - i), d)) for i in wanted]
+            note = f"{len(ordered)} of {total} frames decode; frames {missing[:8]} replaced by the nearest that decode"
+    return _frames_at(path, wanted), wanted, note
+
+
+def _length(path):
+    try:
+        import decord
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        if len(reader) and reader.get_batch([len(reader) - 1]).shape[0] == 1:
+            return len(reader)
+    except Exception:
+        pass
+    total, decodable = _decodable_frames(path)
+    if len(decodable) < total:
+        raise ValueError(f"only {len(decodable)} of its {total} frames decode")
+    return total
+
+
+def _decodable_frames(path):
+    """(frames the container lists, {index: pts} of those that decode)."""
+    listed, decoded, _ = _walk_frames(path, set())
+    total = max(listed["count"], len(listed["pts"]))
+    index_of = {pts: i for i, pts in enumerate(sorted(listed["pts"]))}
+    decodable = {index_of[pts]: pts for pts in decoded if pts in index_of}
+    if not decodable:
+        raise ValueError("no decodable frames")
+    return total, decodable
+
+
+def _frames_at(path, wanted):
+    """The frames at container indices `wanted` (all decodable), in that order."""
+    import numpy as np
+    _, decodable = _decodable_frames(path)
+    _, _, kept = _walk_frames(path, {decodable[i] for i in wanted})
+    return np.stack([kept[decodable[i]] for i in wanted])
+
+
+def _walk_frames(path, keep):
+    """Decode every frame in order with PyAV, going on past errors: ({"pts": listed packet times,
+    "count": the container's frame count}, decoded frame times, {time: RGB frame} for times in `keep`)."""
+    import av
+    listed, decoded, kept = {"pts": [], "count": 0}, set(), {}
+    if not os.path.isfile(path):
+        raise ValueError("is a directory, not a video" if os.path.isdir(path) else "no such file")
+    if os.path.getsize(path) == 0:
+        raise ValueError("cannot open video (an empty file)")
+    try:
+        container = av.open(path)
+    except Exception as e:
+        raise ValueError(f"cannot open video ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]})") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError("cannot open video (no video stream)")
+        stream = container.streams.video[0]
+        listed["count"] = stream.frames
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except Exception:  # StopIteration, or a container cut short
+                break
+            if packet.pts is not None:
+                listed["pts"].append(packet.pts)
+            try:
+                for frame in packet.decode():
+                    decoded.add(frame.pts)
+                    if frame.pts in keep and frame.pts not in kept:
+                        kept[frame.pts] = frame.to_ndarray(format="rgb24")
+            except Exception:  # a damaged packet: its frames are lost, the rest go on
+                continue
+    return listed, decoded, kept
 # ---- end shared: frames ----
 
 
@@ -797,7 +1014,7 @@ def read_shard(folder, out):
     records = [r for _, r in read_jsonl(paths[0])]
     for r in records:
         r["video"] = os.path.relpath(os.path.join(folder, r["video"]), out)
-    return records, load_file(paths[1]), [a for _, a in read_jsonl(paths[2])], json.load(open(paths[3]))
+    return records, load_file(paths[1]), [a for _, a in read_jsonl(paths[2])], json.loads(read_text(paths[3]))
 
 
 def merge(args):
@@ -807,7 +1024,7 @@ def merge(args):
         records, answers = records + r, answers + a
         features.update(f)
     args.seeds, args.seed, args.num_frames, args.generate = meta["seeds"], meta["seed"], meta["num_frames"], meta["generate"]
-    os.makedirs(args.out, exist_ok=True)
+    make_out_dir(args.out)
     write_jsonl(os.path.join(args.out, "probe_bench.jsonl"), bench_records(records, args.out))
     report(records, features, answers, args, {**meta, "merged": args.merge})
 
@@ -816,7 +1033,7 @@ def main():
     args = parse_args()
     if args.merge:
         return merge(args)
-    os.makedirs(args.out, exist_ok=True)
+    make_out_dir(args.out)
     plans = plan_videos(args.aspects, args.num_videos, args.seed)[args.shard_index::args.shard_count]
     records = render_videos(plans, args.out, args.num_frames)
     write_jsonl(os.path.join(args.out, "videos.jsonl"), records)

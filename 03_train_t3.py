@@ -69,10 +69,13 @@ class InputError(Exception):
 
 def read_jsonl(path):
     """Yield (line_number, record) for every non-blank line; InputError names file and line."""
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    check_input_file(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{number}: not UTF-8 text") from None
             if not line.strip():
                 continue
             try:
@@ -82,6 +85,40 @@ def read_jsonl(path):
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object")
             yield number, record
+
+
+def read_text(path):
+    """A whole text file (UTF-8; a byte-order mark is allowed); InputError names the first line that is not UTF-8."""
+    check_input_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def check_input_file(path):
+    """InputError unless `path` is a file this project can read as text (not a folder, gzip or Parquet)."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
+    if magic == b"PAR1":
+        raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+
+
+def make_out_dir(path):
+    """Create the output folder (and its parents); InputError if `path` is an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: exists and is not a folder; --out takes a folder")
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 @contextmanager
@@ -107,6 +144,8 @@ def run_main(main):
     try:
         main()
     except InputError as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
+            bar.close()
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 # ---- end shared: io ----
@@ -125,21 +164,63 @@ def pick_device():
 def load_model(path, four_bit=True, device=None):
     """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
     quantization on the language model only; bf16 compute on CUDA, float32 on the CPU."""
+    import logging
+    import warnings
+    # Library notices a user cannot act on: bitsandbytes' hint to install an optional CPU kernel
+    # package, and transformers' renames of gradient_checkpointing_* that peft still calls.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
     device = device or pick_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
-    if not os.path.isdir(path) and (path.startswith((".", "/", "~")) or path.count("/") != 1):
-        raise InputError(f"{path}: no such model folder")
+    cached_only = check_model_path(path)
     try:
-        processor = AutoProcessor.from_pretrained(path)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=cached_only)
         model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, quantization_config=quantization, device_map={"": device})
+            path, dtype=dtype, quantization_config=quantization, device_map={"": device}, local_files_only=cached_only)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    keep_4bit_layout(model)
     return model, processor
+
+
+def check_model_path(path):
+    """Fail in seconds, in one line, where transformers would retry the hub for minutes: a local path
+    that does not exist, or a hub id with the hub out of reach and no cached copy. Returns whether
+    to load from the cache only (a cached hub model while the hub is out of reach)."""
+    if os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path.split("/")[0])
+    if os.path.isfile(path):
+        raise InputError(f"{path}: a file, not a model folder")
+    if looks_local or os.path.exists(path):
+        raise InputError(f"{path}: no such model folder")
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    try:
+        model_info(path, timeout=10)
+        return False
+    except GatedRepoError:
+        return False  # it exists; transformers says what access it needs
+    except RepositoryNotFoundError:
+        raise InputError(f"{path}: no such model folder, nor a model on the hub") from None
+    except Exception:  # the hub is out of reach
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return True
+        raise InputError(f"{path}: no such model folder, and the hub is out of reach to download it") from None
+
+
+def keep_4bit_layout(model):
+    """Keep every 4-bit layer in the one weight layout that all CPUs and GPUs share. On CPUs with
+    AVX512-BF16, bitsandbytes repacks a layer for bf16 inference the first time it runs in eval
+    mode without gradients; a later backward through it fails (so evaluating, then training,
+    breaks) and its bf16 products differ from every other machine's."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def chat_messages(conversations, with_video=False):
@@ -208,28 +289,34 @@ def collate(examples, pad_id):
 
 
 # ---- shared: frames (identical copies in every stage that decodes video) ----
-def open_video(path):
-    """(decord reader, number of frames that really decode); InputError if none do."""
-    import decord
-    try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-    except (decord.DECORDError, RuntimeError) as e:
-        raise InputError(f"{path}: cannot open video ({str(e).splitlines()[0][:120]})") from None
-    total = decodable_frames(reader)
-    if total == 0:
-        raise InputError(f"{path}: no decodable frames")
-    return reader, total
+# Decoding runs in a child process: a decoder that hangs (decord issue #373), crashes or leaks
+# (#208) costs one video, never the run, and ffmpeg's per-packet complaints stay out of the console.
+DECODE_TIMEOUT = float(os.environ.get("DECODE_TIMEOUT", 300))  # seconds per video before it is given up
+DECODER_RESTART_EVERY = 500  # videos per decoding process
+_decoder = {"process": None, "conn": None, "served": 0}
+decode_warnings = {}  # video path -> what went wrong decoding it (each printed once)
 
 
 def sample_frames(path, num_frames, indices=None):
-    """uint8 frames [T, H, W, 3] from a video, uniform over the frames that really decode
-    (or exactly `indices`). A container's frame count is checked, never trusted."""
-    reader, total = open_video(path)
-    if indices is None:
-        indices = uniform_indices(total, num_frames)
-    if max(indices) >= total:
-        raise InputError(f"{path}: frame {max(indices)} requested but only {total} decode")
-    return reader.get_batch(list(indices)).asnumpy()
+    """uint8 frames [T, H, W, 3]: `num_frames` spread uniformly over the video, or exactly `indices`."""
+    return read_frames(path, num_frames, indices)[0]
+
+
+def read_frames(path, num_frames=0, indices=None):
+    """(frames [T, H, W, 3] uint8, the frame index each shows). A frame that does not decode is
+    replaced by the nearest one that does (a uniform pick is spread over the decodable frames
+    instead), with a one-line warning per video; a video with no decodable frame, or one that
+    takes over DECODE_TIMEOUT seconds, is an InputError. The same file always gives the same frames."""
+    frames, shown, note = _ask_decoder(path, ("frames", path, num_frames, indices))
+    if note and path not in decode_warnings:
+        decode_warnings[path] = note
+        tqdm.write(f"warning: {path}: {note}", file=sys.stderr)
+    return frames, shown
+
+
+def video_length(path):
+    """Number of frames of a video whose every frame decodes; InputError naming what is wrong otherwise."""
+    return _ask_decoder(path, ("length", path, 0, None))
 
 
 def uniform_indices(total, count):
@@ -237,25 +324,155 @@ def uniform_indices(total, count):
     return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
 
 
-def decodable_frames(reader):
-    """The number of frames that actually decode: the container's count if its last frame
-    decodes, else a binary search for the last frame that does."""
-    def decodes(i):
+def _ask_decoder(path, request):
+    """Send a request to the decoding process (forked on first use, and again after a kill or every
+    DECODER_RESTART_EVERY videos) and wait at most DECODE_TIMEOUT seconds for its answer."""
+    import multiprocessing
+    state = _decoder
+    if state["process"] is None or not state["process"].is_alive() or state["served"] >= DECODER_RESTART_EVERY:
+        _stop_decoder()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the child never tokenizes: no fork warning
+        context = multiprocessing.get_context("fork")
+        state["conn"], child_end = context.Pipe()
+        state["process"] = context.Process(target=_decoder_loop, args=(child_end,), daemon=True)
+        state["process"].start()
+        child_end.close()
+        state["served"] = 0
+    state["conn"].send(request)
+    state["served"] += 1
+    if not state["conn"].poll(DECODE_TIMEOUT):
+        _stop_decoder()
+        raise InputError(f"{path}: decoding took over {DECODE_TIMEOUT:.0f} s (set DECODE_TIMEOUT to wait longer)")
+    try:
+        status, value = state["conn"].recv()
+    except (EOFError, OSError):
+        _stop_decoder()
+        raise InputError(f"{path}: the video decoder crashed on this file") from None
+    if status == "error":
+        raise InputError(f"{path}: {value}")
+    return value
+
+
+def _stop_decoder():
+    if _decoder["process"] is not None:
+        _decoder["process"].kill()
+        _decoder["process"].join()
+        _decoder["conn"].close()
+    _decoder.update(process=None, conn=None)
+
+
+def _decoder_loop(conn):
+    """The decoding process: answers requests until the pipe closes; ffmpeg's stderr goes nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    while True:
         try:
-            reader[i].asnumpy()
-            return True
-        except Exception:
-            return False
-    total = len(reader)
-    if total == 0 or decodes(total - 1):
-        return total
-    lo, hi = 0, total - 1  # frame lo decodes (or nothing does), frame hi does not
-    if not decodes(0):
-        return 0
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if decodes(mid) else (lo, mid)
-    return lo + 1
+            kind, path, num_frames, indices = conn.recv()
+        except EOFError:
+            return
+        try:
+            result = _decode(path, num_frames, indices) if kind == "frames" else _length(path)
+            conn.send(("ok", result))
+        except Exception as e:  # any decoder failure is this video's problem, reported in one line
+            conn.send(("error", str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__))
+
+
+def _decode(path, num_frames, indices):
+    """(frames, indices shown, note). decord reads exactly the asked frames of a healthy video; if it
+    fails in any way, every frame is decoded in order with PyAV (deterministic, where decord's
+    read-ahead makes the failures of a damaged file vary from run to run)."""
+    pick = (lambda total: list(indices)) if indices is not None else (lambda total: uniform_indices(total, num_frames))
+    try:
+        import decord
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        wanted = pick(len(reader))
+        if wanted and 0 <= min(wanted) and max(wanted) < len(reader):
+            return reader.get_batch(wanted).asnumpy(), wanted, None
+    except Exception:
+        pass
+    total, decodable = _decodable_frames(path)
+    wanted = pick(total)
+    if indices is not None and wanted and not 0 <= min(wanted) <= max(wanted) < total:
+        raise ValueError(f"frame {max(wanted)} asked for, but the video has {total} frame{'s' * (total != 1)}")
+    missing = sorted({i for i in wanted if i not in decodable})
+    note = None
+    if missing:
+        ordered = sorted(decodable)
+        if indices is None:
+            wanted = [ordered[i] for i in uniform_indices(len(ordered), num_frames)]
+            note = f"{len(ordered)} of {total} frames decode; the {num_frames} frames are spread over those"
+        else:
+            wanted = [i if i in decodable else min(ordered, key=lambda d: (abs(d - i), d)) for i in wanted]
+            note = f"{len(ordered)} of {total} frames decode; frames {missing[:8]} replaced by the nearest that decode"
+    return _frames_at(path, wanted), wanted, note
+
+
+def _length(path):
+    try:
+        import decord
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        if len(reader) and reader.get_batch([len(reader) - 1]).shape[0] == 1:
+            return len(reader)
+    except Exception:
+        pass
+    total, decodable = _decodable_frames(path)
+    if len(decodable) < total:
+        raise ValueError(f"only {len(decodable)} of its {total} frames decode")
+    return total
+
+
+def _decodable_frames(path):
+    """(frames the container lists, {index: pts} of those that decode)."""
+    listed, decoded, _ = _walk_frames(path, set())
+    total = max(listed["count"], len(listed["pts"]))
+    index_of = {pts: i for i, pts in enumerate(sorted(listed["pts"]))}
+    decodable = {index_of[pts]: pts for pts in decoded if pts in index_of}
+    if not decodable:
+        raise ValueError("no decodable frames")
+    return total, decodable
+
+
+def _frames_at(path, wanted):
+    """The frames at container indices `wanted` (all decodable), in that order."""
+    import numpy as np
+    _, decodable = _decodable_frames(path)
+    _, _, kept = _walk_frames(path, {decodable[i] for i in wanted})
+    return np.stack([kept[decodable[i]] for i in wanted])
+
+
+def _walk_frames(path, keep):
+    """Decode every frame in order with PyAV, going on past errors: ({"pts": listed packet times,
+    "count": the container's frame count}, decoded frame times, {time: RGB frame} for times in `keep`)."""
+    import av
+    listed, decoded, kept = {"pts": [], "count": 0}, set(), {}
+    if not os.path.isfile(path):
+        raise ValueError("is a directory, not a video" if os.path.isdir(path) else "no such file")
+    if os.path.getsize(path) == 0:
+        raise ValueError("cannot open video (an empty file)")
+    try:
+        container = av.open(path)
+    except Exception as e:
+        raise ValueError(f"cannot open video ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]})") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError("cannot open video (no video stream)")
+        stream = container.streams.video[0]
+        listed["count"] = stream.frames
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except Exception:  # StopIteration, or a container cut short
+                break
+            if packet.pts is not None:
+                listed["pts"].append(packet.pts)
+            try:
+                for frame in packet.decode():
+                    decoded.add(frame.pts)
+                    if frame.pts in keep and frame.pts not in kept:
+                        kept[frame.pts] = frame.to_ndarray(format="rgb24")
+            except Exception:  # a damaged packet: its frames are lost, the rest go on
+                continue
+    return listed, decoded, kept
 # ---- end shared: frames ----
 
 
@@ -297,13 +514,23 @@ def mixed_records(t3, video, ratio, seed):
 
 
 def encode_records(records, processor, num_frames, max_length, desc, show=True):
-    """Encoded examples; records over max_length are skipped and counted."""
-    examples, skipped = [], 0
+    """Encoded examples, and counts of the records skipped: over max_length, or with a video
+    that does not decode (one warning line per video)."""
+    examples, skipped, unreadable = [], {"too_long": 0, "unreadable_video": 0}, set()
     for record in tqdm(records, desc=desc, unit="rec", mininterval=2, disable=not show):
-        frames = sample_frames(record["video"], num_frames) if record.get("video") else None
+        try:
+            if record.get("video") in unreadable:
+                raise InputError("unreadable")
+            frames = sample_frames(record["video"], num_frames) if record.get("video") else None
+        except InputError as e:
+            if record["video"] not in unreadable and show:
+                tqdm.write(f"warning: skipping {record['_where']}: {e}", file=sys.stderr)
+            unreadable.add(record["video"])
+            skipped["unreadable_video"] += 1
+            continue
         example = encode(processor, chat_messages(record["conversations"], frames is not None), frames)
         if len(example["input_ids"]) > max_length:
-            skipped += 1
+            skipped["too_long"] += 1
             continue
         examples.append(example)
     return examples, skipped
@@ -374,17 +601,49 @@ def evaluate(model, processor, records, device):
 
 # ---------------------------------------------------------------- model and training
 
+# ---- shared: logs (identical copies in the stages that keep JSONL logs) ----
+def read_log(path):
+    """Records of an append-only JSONL log; a torn last line (a kill mid-write) is ignored."""
+    records = []
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    break
+    return records
+
+
+def write_jsonl(path, records):
+    """Replace `path` with these records, atomically."""
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def append_jsonl(path, records):
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+# ---- end shared: logs ----
+
+
 # ---- shared: training (identical copies in every training stage) ----
 def prepare_for_lora(model, args):
-    """Freeze everything; k-bit preparation and gradient checkpointing as asked."""
+    """Freeze everything; k-bit preparation and gradient checkpointing (of the language model: the
+    frozen vision tower keeps no activations for backward, so recomputing it would be waste)."""
     from peft import prepare_model_for_kbit_training
     for param in model.parameters():
         param.requires_grad_(False)
+    checkpointing = {"use_reentrant": True}  # torch's default, named: torch warns when it is not
     if args.four_bit:
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs=checkpointing)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
         model.enable_input_require_grads()
+    for name, module in model.named_modules():
+        if name.startswith(tuple(VISION_MODULES)) and getattr(module, "gradient_checkpointing", False):
+            module.gradient_checkpointing = False
     return model
 
 
@@ -416,30 +675,62 @@ def save_adapter(model, out_dir):
 
 
 def save_checkpoint(path, model, optimizer, scheduler, step):
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    """Write `path`.tmp in full (trainer_state.pt last: it marks a complete checkpoint), then swap it
+    in through `path`.old, so a kill at any instant leaves one complete checkpoint to resume from."""
+    tmp, old = path + ".tmp", path + ".old"
+    discard_checkpoint(tmp)
     model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-               os.path.join(tmp, "trainer_state.pt"))
-    shutil.rmtree(path, ignore_errors=True)
+    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "step": step,
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    torch.save(state, os.path.join(tmp, "trainer_state.pt.part"))
+    os.replace(os.path.join(tmp, "trainer_state.pt.part"), os.path.join(tmp, "trainer_state.pt"))
+    if os.path.isdir(path):
+        discard_checkpoint(old)
+        os.replace(path, old)
     os.replace(tmp, path)
+    discard_checkpoint(old)
+
+
+def discard_checkpoint(folder):
+    """Remove a checkpoint folder, its completeness mark first: a kill half-way leaves no folder
+    that looks complete."""
+    if os.path.isfile(os.path.join(folder, "trainer_state.pt")):
+        os.remove(os.path.join(folder, "trainer_state.pt"))
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def complete_checkpoint(path):
+    """The folder of the checkpoint to resume: `path`, else a complete `path`.tmp or `path`.old
+    (a kill during save_checkpoint), else None."""
+    for folder in (path, path + ".tmp", path + ".old"):
+        if os.path.isfile(os.path.join(folder, "trainer_state.pt")):
+            return folder
+    return None
 
 
 def load_checkpoint(path, model, optimizer, scheduler):
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
-    if not os.path.isfile(os.path.join(path, "trainer_state.pt")):
+    folder = complete_checkpoint(path)
+    if folder is None:
         raise InputError(f"{path}: no checkpoint to resume from")
-    set_peft_model_state_dict(model, load_file(os.path.join(path, "adapter_model.safetensors")))
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=False)
+    set_peft_model_state_dict(model, load_file(os.path.join(folder, "adapter_model.safetensors")))
+    state = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"]
+
+
+def open_train_log(path, resume_step=None):
+    """The training log, open for appending. On resume it is first cut back to the checkpoint's step,
+    since the steps after it are trained again: every step is logged once."""
+    records = [r for r in read_log(path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
+    write_jsonl(path, records)
+    return open(path, "a", encoding="utf-8")
 
 
 def distributed_setup():
@@ -496,9 +787,12 @@ def train(args):
     mix = load_records(args.mix, args.video_root, need_video=True) if args.mix else []
     val = [r for _, r in zip(range(args.val_limit), load_records(args.val))] if args.val else []
     for r in val:
-        if not isinstance(r.get("options"), list) or r.get("answer") not in "ABCDEFGH"[:len(r.get("options") or [])] or not r.get("answer"):
-            raise InputError(f"{r['_where']}: validation record needs 'options' and an 'answer' letter among them")
-    if args.resume and not os.path.isdir(os.path.join(args.out, "checkpoint")):
+        options, answer = r.get("options"), r.get("answer")
+        if not (isinstance(options, list) and 2 <= len(options) <= 8 and all(isinstance(o, str) for o in options)):
+            raise InputError(f"{r['_where']}: validation record needs 'options', a list of 2 to 8 strings")
+        if not (isinstance(answer, str) and len(answer) == 1 and answer in "ABCDEFGH"[:len(options)]):
+            raise InputError(f"{r['_where']}: 'answer' must be one option letter (A-{'ABCDEFGH'[len(options) - 1]}), not {answer!r}")
+    if args.resume and complete_checkpoint(os.path.join(args.out, "checkpoint")) is None:
         raise InputError(f"{args.out}/checkpoint: nothing to resume")
 
     model, processor = load_model(args.model, args.four_bit, device)
@@ -508,7 +802,8 @@ def train(args):
     examples, skipped = encode_records(mixed_records(t3, mix, args.mix_ratio, args.seed), processor,
                                        args.num_frames, args.max_length, desc="tokenize", show=main_process)
     if not examples:
-        raise InputError(f"{args.train}: every record is longer than --max-length {args.max_length}")
+        raise InputError(f"{args.train}: no usable record ({skipped['too_long']} longer than --max-length "
+                         f"{args.max_length}, {skipped['unreadable_video']} with an unreadable video)")
     lengths = [len(e["input_ids"]) for e in examples]
     steps_per_epoch = max(1, len(length_grouped_batches(lengths, args.batch_size, args.seed, 0)) // (args.grad_accum * world))
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
@@ -518,15 +813,15 @@ def train(args):
     step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
     ddp_model = wrap_for_ddp(model, device, world)
 
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "train_log.jsonl")
-    log = open(log_path, "a" if args.resume else "w", encoding="utf-8") if main_process else None
+    make_out_dir(args.out)
+    log = open_train_log(os.path.join(args.out, "train_log.jsonl"), step if args.resume else None) if main_process else None
     def record(entry):
         if log:
             log.write(json.dumps(entry) + "\n")
             log.flush()
     if main_process:
-        record({"event": "start", "step": step, "examples": len(examples), "skipped_too_long": skipped,
+        record({"event": "start", "step": step, "examples": len(examples), "skipped_too_long": skipped["too_long"],
+                "skipped_unreadable_video": skipped["unreadable_video"],
                 "total_steps": total_steps, "world_size": world})
     if val and main_process and step == 0:
         accuracy = evaluate(model, processor, val, device)

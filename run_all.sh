@@ -70,7 +70,6 @@ rows = report["aspects"].values()
 mean = lambda key: 100 * sum(r[key] for r in rows) / len(rows)
 print(f"   mean over {len(rows)} aspects: chance {mean('chance'):.1f}, probe {max(mean('probe_linear'), mean('probe_temporal')):.1f}, "
       f"text LLM {mean('text_llm'):.1f}, video LLM {mean('video_llm'):.1f}")
-print(f"   {report['verdict']}")
 PY
 
 echo "== 03 QLoRA fine-tuning on T3 text tasks -> $OUT/03"

@@ -96,7 +96,7 @@ def test_filters_drop_what_they_claim(monkeypatch):
                ("a square slides", False), ("blank", False)]              # localized: kept
     calls = iter([[("A square moves.", False)] * 2, [("What happens?", False)] * 2, answers])
     monkeypatch.setattr(pairs_stage, "generate", lambda *a, **k: next(calls))
-    monkeypatch.setattr(pairs_stage, "sample_frames", lambda *a, **k: None)
+    monkeypatch.setattr(pairs_stage, "read_frames", lambda path, count, indices: (None, indices))
     def judge(model, processor, prompts, choices, args, device):
         if choices == ["A", "B"]:  # prefer the rejected answer of attempt 4 only
             return [((-1.0, 0.0) if a["judge_order"] else (0.0, -1.0)) if a is attempts[4] else
@@ -130,6 +130,7 @@ def test_builds_pairs_with_ratio_stats_and_bad_video_skipped(tiny_models, t3_ada
     assert len(tpo.load_pairs(str(tmp_path / "pairs.jsonl"))) == 4
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_gives_the_same_pairs(tiny_models, t3_adapter, video_dir, tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     assert build(tiny_models, t3_adapter, video_dir, whole, "--num-pairs", "6").returncode == 0

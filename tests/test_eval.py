@@ -178,6 +178,7 @@ def predictions(folder):
     return {(p["model"], p["bench"], p["id"]): p for p in map(json.loads, open(os.path.join(folder, "predictions.jsonl")))}
 
 
+@pytest.mark.slow
 def test_several_adapters_equal_separate_runs(tiny_models, benches, adapters, tmp_path):
     both = run_eval(tiny_models, benches, tmp_path / "both", "--adapter", f"one={adapters['one']}",
                     "--adapter", f"two={adapters['two']}")
@@ -205,6 +206,7 @@ def test_generate_mode_records_replies(tiny_models, benches, tmp_path):
     assert len(rows) == 4 and all(isinstance(p["reply"], str) and "prediction" in p for p in rows)
 
 
+@pytest.mark.slow
 def test_shards_merge_and_resume_give_the_whole_run(tiny_models, benches, tmp_path):
     assert run_eval(tiny_models, benches, tmp_path / "whole").returncode == 0
     whole = predictions(tmp_path / "whole")

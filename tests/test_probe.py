@@ -183,6 +183,7 @@ def test_llava_onevision_end_to_end_with_generation(tiny_models, tmp_path):
     assert len(answers) == 12 and all(isinstance(a["video_reply"], str) and len(a["text_scores"]) == 2 for a in answers)
 
 
+@pytest.mark.slow
 def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
     common = ["--aspects", "size,grounding", "--num-videos", "9", "--seeds", "1"]
     assert run_probe(tiny_models["qwen2_vl"], tmp_path / "whole", *common).returncode == 0

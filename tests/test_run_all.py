@@ -3,9 +3,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_run_all_runs_every_stage_and_prints_the_table(tmp_path):
     settings = {"OUT": str(tmp_path / "runs"), "NUM_TRAIN": "200", "NUM_VAL": "26", "STEPS": "25", "BATCH": "8",
                 "NUM_PAIRS": "2", "NUM_FRAMES": "4", "PROBE_VIDEOS": "18", "PROBE_SEEDS": "1", "EVAL_LIMIT": "8"}
@@ -24,3 +27,8 @@ def test_run_all_runs_every_stage_and_prints_the_table(tmp_path):
     assert "| base |" in table and "| t3 |" in table and "| t3+tpo |" in table
     for headline in ("== 02", "mean over", "reward accuracy", "T3 validation accuracy"):
         assert headline in result.stdout
+    assert result.stdout.count("the language model is the bottleneck") <= 1  # the verdict is printed once
+    # quiet: no library warnings a user cannot act on, no tracebacks
+    noise = [line for line in result.stderr.replace("\r", "\n").splitlines()
+             if "Warning" in line or "Traceback" in line or "Failed to load" in line or "[h264" in line]
+    assert not noise, noise[:5]

@@ -96,15 +96,25 @@ def order_data(tmp_path_factory):
     """The simplest family, "Which event happens first / last?", asked openly: the answer is the caption."""
     out = tmp_path_factory.mktemp("order")
     subprocess.run([sys.executable, os.path.join(REPO, "01_synthesize.py"), "--out", str(out), "--tasks", "order",
-                    "--num-train", "16000", "--num-val", "200", "--scales", "1x", "--mc-fraction", "0", "--seed", "1"],
+                    "--num-train", "16000", "--num-val", "400", "--scales", "1x", "--mc-fraction", "0", "--seed", "1"],
                    check=True, capture_output=True)
     return out
 
 
+def wilson_interval(p, n, z=1.96):
+    """95% interval of a proportion p observed on n items."""
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5 / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+@pytest.mark.slow
 def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_path_factory, order_data):
     """A real learning signal: validation captions are held out, options are never shown, and the model
     starts at chance. Hidden 128 x 2 layers is the smallest tiny model seen to learn this (hidden 64 did
-    not in 32,000 records); it needs about 16,000 records, 500 steps, a few minutes on 2 CPU cores."""
+    not in 32,000 records); it needs about 16,000 records, 500 steps, a few minutes on 2 CPU cores.
+    How far it gets in 500 steps differs between CPUs and BLAS libraries (0.49 and 0.40 seen on 200
+    items), so the test asks what holds on all of them: on 400 held-out items, accuracy above chance
+    and above the start, each with 95% confidence."""
     import tiny_model
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -123,8 +133,11 @@ def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_pa
     assert [e["step"] for e in evals] == [0, 500]
     assert set(evals[0]["text"]) == {"all", "order"}  # overall and per family
     before, after = evals[0]["text"]["order"], evals[1]["text"]["order"]
+    items = 400
     assert before < 0.32  # four options: chance is 0.25
-    assert after >= 0.40 and after >= before + 0.15, (before, after)
+    assert wilson_interval(after, items)[0] > 0.25, (before, after)
+    gain, spread = after - before, 1.96 * ((after * (1 - after) + before * (1 - before)) / items) ** 0.5
+    assert gain - spread > 0, (before, after)  # unpaired, so conservative: the items are the same
 
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
     base = AutoModelForImageTextToText.from_pretrained(model_dir)
@@ -152,6 +165,7 @@ def test_4bit_training_touches_only_language_model_lora(tiny_models, t3_data, tm
     assert vision_types == {"Linear"}
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tiny_models, t3_data, tmp_path, video_sft):
     common = ["--model", tiny_models["qwen2_vl"], "--train", t3_data / "t3_train.jsonl", "--mix", video_sft / "video_sft.jsonl",
               "--mix-ratio", "0.1", "--num-frames", "4", "--max-steps", "6", "--batch-size", "4", "--grad-accum", "2",
@@ -161,6 +175,8 @@ def test_resume_matches_uninterrupted_run(tiny_models, t3_data, tmp_path, video_
     first = run_train(*common, "--out", tmp_path / "split", "--stop-after-steps", "3")
     assert first.returncode == 0 and "continue with --resume" in first.stdout
     assert not (tmp_path / "split" / "adapter_model.safetensors").exists()
+    with open(tmp_path / "split" / "train_log.jsonl", "a") as log:  # a kill -9 after logging steps 4-5, mid-line
+        log.write('{"event": "train", "step": 4, "loss": 1.0}\n{"event": "train", "step": 5, "loss": 1.0}\n{"event": "tr')
     second = run_train(*common, "--out", tmp_path / "split", "--resume")
     assert second.returncode == 0, second.stderr[-2000:]
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")

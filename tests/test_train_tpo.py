@@ -180,6 +180,10 @@ def test_resume_matches_uninterrupted_run(tiny_models, pairs_file, tmp_path):
     assert whole.returncode == 0, whole.stderr[-2000:]
     first = subprocess.run(common + ["--out", str(tmp_path / "split"), "--stop-after-steps", "2"], capture_output=True, text=True)
     assert first.returncode == 0 and "continue with --resume" in first.stdout
+    with open(tmp_path / "split" / "train_log.jsonl", "a") as log:  # a kill -9 after logging step 3, mid-line
+        log.write('{"step": 3, "loss": 1.0}\n{"step"')
+    with open(tmp_path / "split" / "reference_logps.rank0.jsonl", "a") as cache:  # and mid-way through a cache line
+        cache.write('{"id": "p9", "lo')
     second = subprocess.run(common + ["--out", str(tmp_path / "split"), "--resume"], capture_output=True, text=True)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "reference:" not in second.stderr  # cached reference log-probs were reused, not recomputed

@@ -14,9 +14,10 @@ def frames_for(num_frames, height=64, width=64, seed=0):
     return frames
 
 
-def write_video(path, frames, fps=8):
-    """Write uint8 frames [T, H, W, 3] as an H.264 (or MPEG-4) mp4."""
-    with av.open(str(path), "w") as container:
+def write_video(path, frames, fps=8, faststart=False):
+    """Write uint8 frames [T, H, W, 3] as an H.264 (or MPEG-4) mp4; `faststart` puts the index first,
+    as streamed files have it (so a cut file still opens)."""
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as container:
         try:
             stream = container.add_stream("libx264", rate=fps)
             stream.options = {"crf": "18", "preset": "ultrafast"}
@@ -30,6 +31,31 @@ def write_video(path, frames, fps=8):
         for packet in stream.encode():
             container.mux(packet)
     return str(path)
+
+
+def write_broken_videos(folder, num_frames=48):
+    """The damaged files users have, as {name: path}: an mp4 cut off at 60% of its bytes, one whose
+    stream turns to random bytes from 60% on, a one-frame video and an empty file."""
+    import os
+    good = write_video(os.path.join(folder, "whole.mp4"), noisy_frames(num_frames), faststart=True)
+    data = open(good, "rb").read()
+    cut = len(data) * 6 // 10
+    paths = {name: os.path.join(folder, f"{name}.mp4") for name in ("truncated", "garbage_tail", "one_frame", "empty")}
+    open(paths["truncated"], "wb").write(data[:cut])
+    noise = np.random.default_rng(1).integers(0, 256, len(data) - cut, dtype=np.uint8).tobytes()
+    open(paths["garbage_tail"], "wb").write(data[:cut] + noise)
+    write_video(paths["one_frame"], frames_for(1))
+    open(paths["empty"], "wb").close()
+    os.remove(good)
+    return paths
+
+
+def noisy_frames(num_frames, size=64, seed=0):
+    """frames_for's moving square over random texture: every frame costs many bytes, so a cut or a
+    corruption at a given share of the file lands inside the stream, not in its last few frames."""
+    frames = frames_for(num_frames, size, size, seed)
+    texture = np.random.default_rng(seed).integers(0, 64, (num_frames, size, size, 1), dtype=np.uint8)
+    return frames // 2 + texture
 
 
 def main():
