@@ -136,6 +136,8 @@ def check_input_file(path):
         raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
     if magic == b"PAR1":
         raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+    if b"\x00" in magic:
+        raise InputError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 or binary); save it as UTF-8")
 
 
 def make_out_dir(path):

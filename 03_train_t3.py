@@ -111,6 +111,8 @@ def check_input_file(path):
         raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
     if magic == b"PAR1":
         raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+    if b"\x00" in magic:
+        raise InputError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 or binary); save it as UTF-8")
 
 
 def make_out_dir(path):
@@ -211,6 +213,18 @@ def check_model_path(path):
         if isinstance(try_to_load_from_cache(path, "config.json"), str):
             return True
         raise InputError(f"{path}: no such model folder, and the hub is out of reach to download it") from None
+
+
+def check_video_input(processor, frames, path):
+    """InputError if the model's video processor refuses these frames (e.g. Qwen-VL's aspect-ratio
+    limit of 200:1), so such a video is skipped like one that does not decode, not a crash mid-batch."""
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is None or frames is None:
+        return
+    try:
+        video_processor(videos=[frames], return_tensors="pt")
+    except Exception as e:
+        raise InputError(f"{path}: the model's video processor cannot take it ({str(e).splitlines()[0][:150]})") from None
 
 
 def keep_4bit_layout(model):
@@ -399,7 +413,7 @@ def _decode(path, num_frames, indices):
         ordered = sorted(decodable)
         if indices is None:
             wanted = [ordered[i] for i in uniform_indices(len(ordered), num_frames)]
-            note = f"{len(ordered)} of {total} frames decode; the {num_frames} frames are spread over those"
+            note = f"{len(ordered)} of {total} frames decode; sampling {num_frames} from those"
         else:
             wanted = [i if i in decodable else min(ordered, key=lambda d: (abs(d - i), d)) for i in wanted]
             note = f"{len(ordered)} of {total} frames decode; frames {missing[:8]} replaced by the nearest that decode"
@@ -522,6 +536,7 @@ def encode_records(records, processor, num_frames, max_length, desc, show=True):
             if record.get("video") in unreadable:
                 raise InputError("unreadable")
             frames = sample_frames(record["video"], num_frames) if record.get("video") else None
+            check_video_input(processor, frames, record.get("video"))
         except InputError as e:
             if record["video"] not in unreadable and show:
                 tqdm.write(f"warning: skipping {record['_where']}: {e}", file=sys.stderr)
@@ -725,6 +740,17 @@ def load_checkpoint(path, model, optimizer, scheduler):
     return state["step"]
 
 
+def check_run_folder(out, resume):
+    """Before any loading: --out must be a folder; --resume needs a checkpoint in it, and a new run
+    must not silently overwrite an earlier run's checkpoint and log."""
+    make_out_dir(out)
+    found = complete_checkpoint(os.path.join(out, "checkpoint"))
+    if resume and found is None:
+        raise InputError(f"{out}/checkpoint: nothing to resume (no checkpoint saved yet); run without --resume to start")
+    if not resume and found is not None:
+        raise InputError(f"{out}: already holds a training checkpoint; pass --resume to continue, or choose another --out")
+
+
 def open_train_log(path, resume_step=None):
     """The training log, open for appending. On resume it is first cut back to the checkpoint's step,
     since the steps after it are trained again: every step is logged once."""
@@ -792,8 +818,7 @@ def train(args):
             raise InputError(f"{r['_where']}: validation record needs 'options', a list of 2 to 8 strings")
         if not (isinstance(answer, str) and len(answer) == 1 and answer in "ABCDEFGH"[:len(options)]):
             raise InputError(f"{r['_where']}: 'answer' must be one option letter (A-{'ABCDEFGH'[len(options) - 1]}), not {answer!r}")
-    if args.resume and complete_checkpoint(os.path.join(args.out, "checkpoint")) is None:
-        raise InputError(f"{args.out}/checkpoint: nothing to resume")
+    check_run_folder(args.out, args.resume)
 
     model, processor = load_model(args.model, args.four_bit, device)
     model = prepare_lora(model, args)
@@ -813,7 +838,6 @@ def train(args):
     step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
     ddp_model = wrap_for_ddp(model, device, world)
 
-    make_out_dir(args.out)
     log = open_train_log(os.path.join(args.out, "train_log.jsonl"), step if args.resume else None) if main_process else None
     def record(entry):
         if log:

@@ -140,6 +140,8 @@ def check_input_file(path):
         raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
     if magic == b"PAR1":
         raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+    if b"\x00" in magic:
+        raise InputError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 or binary); save it as UTF-8")
 
 
 def make_out_dir(path):
@@ -240,6 +242,18 @@ def check_model_path(path):
         if isinstance(try_to_load_from_cache(path, "config.json"), str):
             return True
         raise InputError(f"{path}: no such model folder, and the hub is out of reach to download it") from None
+
+
+def check_video_input(processor, frames, path):
+    """InputError if the model's video processor refuses these frames (e.g. Qwen-VL's aspect-ratio
+    limit of 200:1), so such a video is skipped like one that does not decode, not a crash mid-batch."""
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is None or frames is None:
+        return
+    try:
+        video_processor(videos=[frames], return_tensors="pt")
+    except Exception as e:
+        raise InputError(f"{path}: the model's video processor cannot take it ({str(e).splitlines()[0][:150]})") from None
 
 
 def keep_4bit_layout(model):
@@ -428,7 +442,7 @@ def _decode(path, num_frames, indices):
         ordered = sorted(decodable)
         if indices is None:
             wanted = [ordered[i] for i in uniform_indices(len(ordered), num_frames)]
-            note = f"{len(ordered)} of {total} frames decode; the {num_frames} frames are spread over those"
+            note = f"{len(ordered)} of {total} frames decode; sampling {num_frames} from those"
         else:
             wanted = [i if i in decodable else min(ordered, key=lambda d: (abs(d - i), d)) for i in wanted]
             note = f"{len(ordered)} of {total} frames decode; frames {missing[:8]} replaced by the nearest that decode"
@@ -682,6 +696,7 @@ def run_attempts(model, processor, attempts, args, device):
         try:
             for which in ("chosen", "rejected"):
                 frames_of[a["id"], which], a["frames"][which] = read_frames(a["video"]["path"], 0, a["frames"][which])
+                check_video_input(processor, frames_of[a["id"], which], a["video"]["path"])
         except InputError as e:
             tqdm.write(f"warning: dropping attempt {a['id']}: {e}", file=sys.stderr)
             a["dropped_by"] = "unreadable_video"

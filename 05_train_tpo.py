@@ -126,6 +126,8 @@ def check_input_file(path):
         raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
     if magic == b"PAR1":
         raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+    if b"\x00" in magic:
+        raise InputError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 or binary); save it as UTF-8")
 
 
 def make_out_dir(path):
@@ -226,6 +228,18 @@ def check_model_path(path):
         if isinstance(try_to_load_from_cache(path, "config.json"), str):
             return True
         raise InputError(f"{path}: no such model folder, and the hub is out of reach to download it") from None
+
+
+def check_video_input(processor, frames, path):
+    """InputError if the model's video processor refuses these frames (e.g. Qwen-VL's aspect-ratio
+    limit of 200:1), so such a video is skipped like one that does not decode, not a crash mid-batch."""
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is None or frames is None:
+        return
+    try:
+        video_processor(videos=[frames], return_tensors="pt")
+    except Exception as e:
+        raise InputError(f"{path}: the model's video processor cannot take it ({str(e).splitlines()[0][:150]})") from None
 
 
 def keep_4bit_layout(model):
@@ -414,7 +428,7 @@ def _decode(path, num_frames, indices):
         ordered = sorted(decodable)
         if indices is None:
             wanted = [ordered[i] for i in uniform_indices(len(ordered), num_frames)]
-            note = f"{len(ordered)} of {total} frames decode; the {num_frames} frames are spread over those"
+            note = f"{len(ordered)} of {total} frames decode; sampling {num_frames} from those"
         else:
             wanted = [i if i in decodable else min(ordered, key=lambda d: (abs(d - i), d)) for i in wanted]
             note = f"{len(ordered)} of {total} frames decode; frames {missing[:8]} replaced by the nearest that decode"
@@ -613,6 +627,17 @@ def load_checkpoint(path, model, optimizer, scheduler):
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"]
+
+
+def check_run_folder(out, resume):
+    """Before any loading: --out must be a folder; --resume needs a checkpoint in it, and a new run
+    must not silently overwrite an earlier run's checkpoint and log."""
+    make_out_dir(out)
+    found = complete_checkpoint(os.path.join(out, "checkpoint"))
+    if resume and found is None:
+        raise InputError(f"{out}/checkpoint: nothing to resume (no checkpoint saved yet); run without --resume to start")
+    if not resume and found is not None:
+        raise InputError(f"{out}: already holds a training checkpoint; pass --resume to continue, or choose another --out")
 
 
 def open_train_log(path, resume_step=None):
@@ -1013,6 +1038,7 @@ def load_pairs(path, video_root=None):
 def encode_pair(processor, pair, num_frames):
     """Chosen and rejected conversations over the same prompt and the exact recorded frames."""
     frames = sample_frames(pair["video"], num_frames, (pair.get("frames") or {}).get("train"))
+    check_video_input(processor, frames, pair["video"])
     prompt = [{"from": "human", "value": pair["prompt"]}]
     chosen, rejected = (encode(processor, chat_messages(prompt + [{"from": "gpt", "value": pair[k]}], True), frames)
                         for k in ("chosen", "rejected"))
@@ -1217,12 +1243,10 @@ def train(args):
     rank, world, device = start_run(args.seed)
     main_process = rank == 0
     pairs = load_pairs(args.pairs, args.video_root)
-    if args.resume and complete_checkpoint(os.path.join(args.out, "checkpoint")) is None:
-        raise InputError(f"{args.out}/checkpoint: nothing to resume")
+    check_run_folder(args.out, args.resume)
     model, processor = load_model(args.model, args.four_bit, device)
     model = prepare_policy(model, args)
     pairs, encoded = encode_pairs(processor, pairs, args.num_frames, main_process)
-    make_out_dir(args.out)
     reference = reference_logps(model, processor, pairs, encoded, os.path.join(args.out, f"reference_logps.rank{rank}.jsonl"),
                                 device, main_process, args)
     model.train()

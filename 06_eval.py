@@ -123,6 +123,8 @@ def check_input_file(path):
         raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
     if magic == b"PAR1":
         raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+    if b"\x00" in magic:
+        raise InputError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 or binary); save it as UTF-8")
 
 
 def make_out_dir(path):
@@ -223,6 +225,18 @@ def check_model_path(path):
         if isinstance(try_to_load_from_cache(path, "config.json"), str):
             return True
         raise InputError(f"{path}: no such model folder, and the hub is out of reach to download it") from None
+
+
+def check_video_input(processor, frames, path):
+    """InputError if the model's video processor refuses these frames (e.g. Qwen-VL's aspect-ratio
+    limit of 200:1), so such a video is skipped like one that does not decode, not a crash mid-batch."""
+    video_processor = getattr(processor, "video_processor", None)
+    if video_processor is None or frames is None:
+        return
+    try:
+        video_processor(videos=[frames], return_tensors="pt")
+    except Exception as e:
+        raise InputError(f"{path}: the model's video processor cannot take it ({str(e).splitlines()[0][:150]})") from None
 
 
 def keep_4bit_layout(model):
@@ -411,7 +425,7 @@ def _decode(path, num_frames, indices):
         ordered = sorted(decodable)
         if indices is None:
             wanted = [ordered[i] for i in uniform_indices(len(ordered), num_frames)]
-            note = f"{len(ordered)} of {total} frames decode; the {num_frames} frames are spread over those"
+            note = f"{len(ordered)} of {total} frames decode; sampling {num_frames} from those"
         else:
             wanted = [i if i in decodable else min(ordered, key=lambda d: (abs(d - i), d)) for i in wanted]
             note = f"{len(ordered)} of {total} frames decode; frames {missing[:8]} replaced by the nearest that decode"
@@ -674,39 +688,52 @@ def to_item(fmt, record, where, bench_dir, video_root):
     """A benchmark record in any supported layout -> {id, video, question, options, answer, groups}."""
     root = video_root or bench_dir
 
-    def get(key):
+    def get(key, kind=None):
+        """record[key]; with `kind` str or list, an InputError unless it is a string / a list of strings."""
         if key not in record:
             raise InputError(f"{where}: missing {key!r}")
-        return record[key]
+        value = record[key]
+        if kind is str and not isinstance(value, str):
+            raise InputError(f"{where}: {key!r} must be a string, not {json.dumps(value)[:40]}")
+        if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise InputError(f"{where}: {key!r} must be a list of strings, not {json.dumps(value)[:40]}")
+        return value
     if fmt == "t3":
-        human = get("conversations")[0]["value"]
-        options = strip_letters(get("options"))
+        turns = get("conversations")
+        if not (isinstance(turns, list) and turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str)):
+            raise InputError(f"{where}: 'conversations' must be a list of {{from, value}} turns")
+        human = turns[0]["value"]
+        options = strip_letters(get("options", list))
         block = "\n" + "\n".join(record["options"])
         question = human[:human.index(block)] if block in human else human
         item = {"video": None, "question": question.strip(), "options": options, "groups": {"task_type": record.get("task", "t3")}}
     elif fmt == "jsonl":
-        item = {"video": os.path.join(bench_dir, get("video")) if get("video") else None, "question": get("question"),
-                "options": strip_letters(get("options")), "groups": {"task_type": record.get("task_type", "all")}}
+        video = get("video") or None
+        item = {"video": os.path.join(bench_dir, get("video", str)) if video else None, "question": get("question", str),
+                "options": strip_letters(get("options", list)), "groups": {"task_type": record.get("task_type", "all")}}
     elif fmt == "tempcompass":
         answer = str(get("answer")).strip()
         if answer.lower() in YES_NO:
-            question, options, task = get("question"), list(YES_NO), "yes_no"
+            question, options, task = get("question", str), list(YES_NO), "yes_no"
         else:
-            question, options = split_inline_options(get("question"), where)
+            question, options = split_inline_options(get("question", str), where)
             task = "caption_matching" if answer.lower().startswith("caption") else "multi-choice"
         item = {"video": find_video(root, str(get("video_id"))), "question": question, "options": options,
                 "groups": {"dim": record["dim"], "task": task}}
     elif fmt == "videomme":
-        item = {"video": find_video(root, str(get("videoID"))), "question": get("question"),
-                "options": strip_letters(get("options")),
+        item = {"video": find_video(root, str(get("videoID"))), "question": get("question", str),
+                "options": strip_letters(get("options", list)),
                 "groups": {"task_type": record.get("task_type", "all"), "duration": record.get("duration", "all")}}
     elif fmt == "mlvu":
-        name = record.get("video") or get("video_name")
-        item = {"video": find_video(root, name), "question": get("question"), "options": [str(c) for c in get("candidates")],
+        name = record.get("video") or get("video_name", str)
+        candidates = get("candidates")
+        if not (isinstance(name, str) and isinstance(candidates, list) and all(isinstance(c, (str, int, float)) for c in candidates)):
+            raise InputError(f"{where}: needs a 'video' name and a list of 'candidates'")
+        item = {"video": find_video(root, name), "question": get("question", str), "options": [str(c) for c in candidates],
                 "groups": {"task_type": record.get("question_type", record.get("task_type", "all"))}}
     elif fmt == "longvideobench":
         options = [str(record[f"option{i}"]) for i in range(10) if record.get(f"option{i}") not in (None, "", "N/A")]
-        item = {"video": find_video(root, get("video_path")), "question": get("question"), "options": options,
+        item = {"video": find_video(root, get("video_path", str)), "question": get("question", str), "options": options,
                 "groups": {"task_type": record.get("question_category", "all"), "duration": str(record.get("duration_group", "all"))}}
     else:
         raise InputError(f"{where}: not a benchmark record this stage reads (give --format)")
@@ -747,6 +774,7 @@ def check_videos(items, skip_missing):
         if item["video"] is not None and not os.path.isfile(item["video"]):
             if not skip_missing:
                 raise InputError(f"{item['where']}: video {item['video']} not found (or pass --skip-missing)")
+            tqdm.write(f"warning: skipping {item['where']}: video {item['video']} not found", file=sys.stderr)
             missing.append((bench, item))
         else:
             kept.append((bench, item))
@@ -794,12 +822,15 @@ def batches(items, batch_size):
         yield batch
 
 
-def decode(batch, num_frames, skip_missing):
-    """Frames for each item of a batch (None for text-only items); unreadable videos raise or are dropped."""
+def decode(batch, num_frames, skip_missing, processor):
+    """Frames for each item of a batch (None for text-only items); unreadable videos, and videos the
+    model's processor refuses, raise or are dropped."""
     kept, frames, bad = [], [], []
     for bench, item in batch:
         try:
-            frames.append(None if item["video"] is None else sample_frames(item["video"], num_frames))
+            item_frames = None if item["video"] is None else sample_frames(item["video"], num_frames)
+            check_video_input(processor, item_frames, item["video"])
+            frames.append(item_frames)
             kept.append((bench, item))
         except InputError as e:
             if not skip_missing:
@@ -928,7 +959,7 @@ def main():
     began = time.perf_counter()
     bar = tqdm(total=len(todo), desc=f"eval ({len(variants)} models)", unit="item")
     for batch in batches(todo, args.batch_size):
-        batch, frames, bad = decode(batch, args.num_frames, args.skip_missing)  # once for every model
+        batch, frames, bad = decode(batch, args.num_frames, args.skip_missing, processor)  # once for every model
         for bench, _ in bad:
             skipped[bench] = skipped.get(bench, 0) + 1
         new = []

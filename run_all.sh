@@ -73,6 +73,7 @@ print(f"   mean over {len(rows)} aspects: chance {mean('chance'):.1f}, probe {ma
 PY
 
 echo "== 03 QLoRA fine-tuning on T3 text tasks -> $OUT/03"
+rm -rf "$OUT/03"  # a rerun starts over (the stage itself refuses to overwrite a run without --resume)
 python 03_train_t3.py --model "$MODEL" --train "$OUT/01/t3_train.jsonl" --val "$OUT/01/t3_val.jsonl" \
   --out "$OUT/03" --max-steps "$STEPS" --batch-size "$BATCH" --grad-accum 1 --lr 2e-3 --val-limit 100 --seed "$SEED"
 python - "$OUT/03/train_log.jsonl" <<'PY'
@@ -91,6 +92,7 @@ python 04_build_pairs.py --model "$MODEL" --adapter "$OUT/03" --videos "$VIDEOS"
   --temperature "$TEMPERATURE" --max-attempts 8 --seed "$SEED"
 
 echo "== 05 TPO (DPO + SFT) from the T3 adapter -> $OUT/05"
+rm -rf "$OUT/05"
 python 05_train_tpo.py --model "$MODEL" --adapter "$OUT/03" --pairs "$OUT/04/pairs.jsonl" --out "$OUT/05" \
   --max-steps "$STEPS" --grad-accum 2 --lr 1e-3 --num-frames "$NUM_FRAMES" --seed "$SEED"
 python - "$OUT/05/train_log.jsonl" <<'PY'

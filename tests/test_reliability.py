@@ -148,15 +148,17 @@ def test_t3_video_mix_skips_what_does_not_decode(broken, tiny_models, tmp_path):
         {"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": "A square."}]}) + "\n"
         for name, path in broken.items()))
     result = run_stage("03_train_t3.py", "--model", tiny_models["qwen2_vl"], "--train", tmp_path / "data" / "t3_train.jsonl",
-                       "--mix", mix, "--mix-ratio", "0.2", "--num-frames", "4", "--out", tmp_path / "out",
+                       "--mix", mix, "--mix-ratio", "0.24", "--num-frames", "4", "--out", tmp_path / "out",
                        "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--no-4bit")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_quiet(result)
     warnings = warning_lines(result.stderr)
-    assert len(warnings) == 3, warnings  # the cut and the corrupted file: frames spread; the empty file: skipped
-    assert sum("frames decode" in w for w in warnings) == 2 and sum("skipping" in w and "empty.mp4" in w for w in warnings) == 1
+    assert len(warnings) == 4, warnings  # the cut and the corrupted file: frames spread; empty file and strip: skipped
+    assert sum("frames decode" in w for w in warnings) == 2
+    assert sum("skipping" in w and "empty.mp4" in w for w in warnings) == 1
+    assert sum("skipping" in w and "strip.mp4" in w and "video processor cannot take it" in w for w in warnings) == 1
     start = json.loads(open(tmp_path / "out" / "train_log.jsonl").readline())
-    assert start["skipped_unreadable_video"] == 1 and start["examples"] == 16 + 3
+    assert start["skipped_unreadable_video"] == 2 and start["examples"] == 16 + 5 - 2
 
 
 def test_pair_building_skips_damaged_videos(broken, tiny_models, tmp_path):
@@ -172,10 +174,13 @@ def test_pair_building_skips_damaged_videos(broken, tiny_models, tmp_path):
                        "--temperature", "1.0", "--no-judge", "--max-attempts", "4", "--no-4bit")
     assert_quiet(result)
     warnings = warning_lines(result.stderr)
-    assert len(warnings) == 4 and all(w.startswith("warning: skipping") for w in warnings), warnings
+    skipped = [w for w in warnings if w.startswith("warning: skipping")]
+    assert len(skipped) == 4, warnings
+    # the strip decodes, so it is a usable video, but the processor refuses it: its attempts are dropped
+    assert all(w.startswith("warning: dropping attempt strip.mp4:") for w in warnings if w not in skipped), warnings
     stats = json.load(open(tmp_path / "out" / "stats.json"))
-    assert stats["skipped_videos"] == 4
-    assert sorted(stats["skipped_video_ids"]) == sorted(os.path.basename(p) for p in broken.values())
+    assert stats["skipped_videos"] == 4 and stats["dropped_by"]["unreadable_video"] == len(warnings) - 4 > 0
+    assert sorted(stats["skipped_video_ids"]) == sorted(os.path.basename(p) for n, p in broken.items() if n != "strip")
 
 
 def test_tpo_uses_what_decodes_and_skips_what_does_not(broken, tiny_models, tmp_path):
@@ -183,16 +188,18 @@ def test_tpo_uses_what_decodes_and_skips_what_does_not(broken, tiny_models, tmp_
     lines = [json.loads(line) for line in open(pairs)]
     damaged = [dict(lines[0], id="cut", video=broken["truncated"], frames={"train": [0, 10, 20, 40]}),
                dict(lines[0], id="garbage", video=broken["garbage_tail"], frames={"train": [0, 4, 8, 12]}),
-               dict(lines[0], id="empty", video=broken["empty"])]
+               dict(lines[0], id="empty", video=broken["empty"]),
+               dict(lines[0], id="strip", video=broken["strip"], frames={"train": [0, 8, 16, 23]})]
     pairs.write_text("".join(json.dumps(r) + "\n" for r in lines + damaged))
     result = run_stage("05_train_tpo.py", "--model", tiny_models["qwen2_vl"], "--pairs", pairs, "--out", tmp_path / "out",
                        "--max-steps", "1", "--grad-accum", "1", "--num-frames", "4", "--no-4bit")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_quiet(result)
     warnings = warning_lines(result.stderr)
-    assert len(warnings) == 2, warnings  # frame 40 of the cut file replaced; the empty file's pair skipped
+    assert len(warnings) == 3, warnings  # frame 40 of the cut file replaced; the empty file's and the strip's pairs skipped
     assert "truncated.mp4" in warnings[0] and "replaced by the nearest" in warnings[0]
     assert "skipping pair" in warnings[1] and "empty.mp4" in warnings[1]
+    assert "skipping pair" in warnings[2] and "strip.mp4" in warnings[2]
     reference = [json.loads(line)["id"] for line in open(tmp_path / "out" / "reference_logps.rank0.jsonl")]
     assert sorted(reference) == ["cut", "garbage", "p0", "p1"]
 
@@ -208,9 +215,9 @@ def test_eval_scores_damaged_videos_and_counts_unreadable_ones(broken, tiny_mode
     result = run_stage("06_eval.py", *common, "--out", tmp_path / "out", "--skip-missing")
     assert result.returncode == 0, result.stderr[-3000:]
     assert_quiet(result)
-    assert len(warning_lines(result.stderr)) == 3  # two damaged files used, the empty one skipped
+    assert len(warning_lines(result.stderr)) == 4  # two damaged files used; the empty one and the strip skipped
     results = json.load(open(tmp_path / "out" / "results.json"))
-    assert results["results"]["base"]["bench"]["total"] == 3 and results["results"]["base"]["bench"]["skipped"] == 1
+    assert results["results"]["base"]["bench"]["total"] == 3 and results["results"]["base"]["bench"]["skipped"] == 2
     assert sorted(results["meta"]["videos_with_decoder_errors"]) == sorted([broken["truncated"], broken["garbage_tail"]])
 
 
@@ -304,6 +311,7 @@ CAPTIONS = "".join(json.dumps({"id": i, "caption": f"A {colour} dog number {i} r
 
 @pytest.mark.parametrize("case,expect", [
     ("latin1", "{path}:2: not UTF-8 text"),
+    ("utf16", "{path}: not UTF-8 text (NUL bytes: UTF-16 or binary)"),
     ("gzip", "{path}: gzip-compressed; decompress it first"),
     ("parquet", "{path}: a Parquet file"),
     ("directory", "{path}: is a directory, not a file"),
@@ -313,6 +321,8 @@ def test_unreadable_input_files_are_one_line(tmp_path, case, expect):
     path = tmp_path / "captions.jsonl"
     if case == "latin1":
         path.write_bytes(b'{"id": 0, "caption": "A dog."}\n' + '{"id": 1, "caption": "Un café."}\n'.encode("latin-1"))
+    elif case == "utf16":
+        path.write_bytes(CAPTIONS.encode("utf-16-le"))
     elif case == "gzip":
         path.write_bytes(gzip.compress(CAPTIONS.encode()))
     elif case == "parquet":
@@ -430,3 +440,36 @@ def test_probe_uses_what_decodes_of_a_damaged_probe_video(tiny_models, tmp_path)
     videos[1].write_bytes(b"")
     os.remove(tmp_path / "features.safetensors")
     assert one_error_line(run_stage("02_probe.py", *common)).startswith(f"error: {videos[1]}: cannot open video (an empty file)")
+
+
+@pytest.mark.parametrize("record,expect", [
+    ({"options": [1, 2, 3]}, "'options' must be a list of strings, not [1, 2, 3]"),
+    ({"options": "A. a\nB. b"}, "'options' must be a list of strings"),
+    ({"question": None}, "'question' must be a string, not null"),
+    ({"video": 5}, "'video' must be a string, not 5"),
+    ({"conversations": [], "options": ["A. a", "B. b"]}, "'conversations' must be a list of {from, value} turns"),
+])
+def test_malformed_benchmark_records_are_one_line(tmp_path, record, expect):
+    evaluation = load_stage("06_eval.py")
+    bench = tmp_path / "bench.jsonl"
+    good = {"id": "q", "video": "", "question": "Which?", "options": ["a", "b"], "answer": "A"}
+    bench.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, **record)) + "\n")
+    with pytest.raises(evaluation.InputError) as error:
+        evaluation.read_bench(str(bench), "auto", None, None)
+    assert str(error.value) == f"{bench}:2: {expect}" or str(error.value).startswith(f"{bench}:2: {expect}")
+
+
+def test_training_refuses_to_overwrite_a_run_and_says_how_to_resume(tiny_models, tmp_path):
+    subprocess.run([sys.executable, os.path.join(REPO, "01_synthesize.py"), "--out", str(tmp_path / "data"),
+                    "--num-train", "8", "--num-val", "4", "--scales", "1x"], check=True, capture_output=True)
+    common = ["--model", tiny_models["qwen2_vl"], "--train", tmp_path / "data" / "t3_train.jsonl", "--out", tmp_path / "out",
+              "--max-steps", "1", "--batch-size", "2", "--no-4bit"]
+    early = run_stage("03_train_t3.py", *common, "--resume")
+    assert one_error_line(early) == (f"error: {tmp_path / 'out'}/checkpoint: nothing to resume (no checkpoint saved yet); "
+                                     "run without --resume to start")
+    assert run_stage("03_train_t3.py", *common).returncode == 0
+    log = (tmp_path / "out" / "train_log.jsonl").read_text()
+    again = run_stage("03_train_t3.py", *common)
+    assert one_error_line(again) == (f"error: {tmp_path / 'out'}: already holds a training checkpoint; "
+                                     "pass --resume to continue, or choose another --out")
+    assert (tmp_path / "out" / "train_log.jsonl").read_text() == log  # the earlier run is untouched

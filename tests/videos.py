@@ -34,8 +34,9 @@ def write_video(path, frames, fps=8, faststart=False):
 
 
 def write_broken_videos(folder, num_frames=48):
-    """The damaged files users have, as {name: path}: an mp4 cut off at 60% of its bytes, one whose
-    stream turns to random bytes from 60% on, a one-frame video and an empty file."""
+    """The damaged and odd files users have, as {name: path}: an mp4 cut off at 60% of its bytes, one
+    whose stream turns to random bytes from 60% on, a one-frame video, an empty file, and a 2x512
+    strip that decodes but that Qwen-VL's processor refuses (aspect ratio over 200)."""
     import os
     good = write_video(os.path.join(folder, "whole.mp4"), noisy_frames(num_frames), faststart=True)
     data = open(good, "rb").read()
@@ -46,6 +47,7 @@ def write_broken_videos(folder, num_frames=48):
     open(paths["garbage_tail"], "wb").write(data[:cut] + noise)
     write_video(paths["one_frame"], frames_for(1))
     open(paths["empty"], "wb").close()
+    paths["strip"] = write_video(os.path.join(folder, "strip.mp4"), frames_for(24, height=512, width=2))
     os.remove(good)
     return paths
 
