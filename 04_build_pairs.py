@@ -35,7 +35,11 @@ CAPTION_PROMPT = "Describe what happens in this video clip in one sentence."
 QUESTION_PROMPT = ('Here is a description of a short moment in a video: "{caption}"\n'
                    "Write one question about this moment that can only be answered by watching it. "
                    "Reply with the question only.")
-WHOLE_VIDEO_QUESTIONS = [
+WHOLE_VIDEO_CAPTION_PROMPT = "Describe everything that happens in this video, from beginning to end, in order."
+WHOLE_VIDEO_QUESTION_PROMPT = ('Here is a description of a whole video: "{caption}"\n'
+                               "Write one question about how the events of the whole video unfold over time, one "
+                               "that needs the entire video to answer. Reply with the question only.")
+WHOLE_VIDEO_QUESTIONS = [  # fallbacks when the model writes no usable question (counted in stats.json)
     "What happens in this video, from beginning to end?",
     "Describe the events of this video in the order they happen.",
     "How does the scene change over the course of the video?",
@@ -46,7 +50,7 @@ JUDGE_PREFERENCE = ("Question: {question}\n{context}Answer A: {first}\nAnswer B:
 JUDGE_ANSWERABLE = ('Description of a video moment: "{caption}"\nQuestion: {question}\n'
                     "Can the question be answered from this description? Reply yes or no.")
 DROP_RULES = ["unreadable_video", "empty", "identical", "near_identical", "truncated", "judge_prefers_rejected",
-              "unanswerable"]
+              "unanswerable", "surplus"]
 
 
 def parse_args(argv=None):
@@ -564,39 +568,73 @@ def usable_videos(videos, min_frames, show):
 # ---------------------------------------------------------------- attempts: which frames each answer sees
 
 def slot_kind(slot, local_share):
-    """Localized or comprehensive, interleaved evenly at the asked ratio (independent of results)."""
+    """Localized or comprehensive, interleaved evenly at the asked ratio along consecutive slots."""
     return "localized" if int((slot + 1) * local_share) > int(slot * local_share) else "comprehensive"
 
 
-def plan_attempt(slot, video, args):
-    """Everything random about one attempt, from (seed, slot) alone."""
-    rng = random.Random(f"{args.seed}:{slot}")
+def slot_plan(slot, num_videos, local_share, seed):
+    """(video index, kind) of an attempt slot. Slots visit every video once per round (in a seeded
+    order each round); each video's own rounds interleave the kinds at the asked ratio from a seeded
+    phase, so every video gives both kinds in proportion, whatever the number of videos."""
+    round_, position = divmod(slot, num_videos)
+    order = list(range(num_videos))
+    random.Random(f"{seed}:round:{round_}").shuffle(order)
+    video = order[position]
+    phase = random.Random(f"{seed}:phase:{video}").randrange(1 << 16)
+    return video, slot_kind(round_ + phase, local_share)
+
+
+def jittered_indices(total, count, rng):
+    """`count` frame indices, one drawn uniformly inside each of `count` equal bins of range(total)."""
+    return [min(total - 1, int((i + rng.random()) * total / count)) for i in range(count)]
+
+
+def plan_attempt(slot, video, kind, args, retry=0):
+    """Everything random about one attempt, from (seed, slot, retry) alone: which frames each answer
+    sees (jittered, so attempts on one video differ) and, for a comprehensive attempt, its fallback question."""
+    rng = random.Random(f"{args.seed}:{slot}" + (f":{retry}" if retry else ""))
     total, dense = video["frames"], args.num_frames
-    attempt = {"slot": slot, "kind": slot_kind(slot, args.local_share), "video": video}
-    train = uniform_indices(total, dense)
-    if attempt["kind"] == "comprehensive":
-        question = video.get("question") or rng.choice(WHOLE_VIDEO_QUESTIONS)
-        sparse = uniform_indices(total, args.sparse_frames)
-        attempt.update(negative="incomplete", question=question, frames={"train": train, "chosen": train, "rejected": sparse})
+    attempt = {"slot": slot, "kind": kind, "video": video}
+    train = jittered_indices(total, dense, rng)
+    if kind == "comprehensive":
+        sparse = jittered_indices(total, args.sparse_frames, rng)
+        fallback = rng.choice(WHOLE_VIDEO_QUESTIONS)
+        given = video.get("question")
+        attempt.update(negative="incomplete", question=given, fallback_question=fallback,
+                       question_source="given" if given else None,
+                       frames={"train": train, "chosen": train, "rejected": sparse})
     else:
         length = max(2, round(total * args.segment_fraction))
         start = rng.randrange(0, total - length + 1)
         segment = [start, start + length]  # frames [start, end)
-        inside = [start + i for i in uniform_indices(length, min(length, dense))]
+        inside = [start + i for i in jittered_indices(length, min(length, dense), rng)]
         outside = [i for i in range(total) if not start <= i < start + length]
         negative = rng.choice(args.negatives)
         if negative == "irrelevant":
-            rejected = [outside[i] for i in uniform_indices(len(outside), min(len(outside), dense))]
+            rejected = [outside[i] for i in jittered_indices(len(outside), min(len(outside), dense), rng)]
         else:
             rejected = sorted(rng.sample(outside, min(len(outside), args.sparse_frames)))
         if not any(start <= i < start + length for i in train):  # the training view must show the segment
             train[min(range(dense), key=lambda k: abs(train[k] - (start + length // 2)))] = start + length // 2
             train.sort()
-        attempt.update(negative=negative, segment=segment, frames={"train": train, "chosen": inside, "rejected": rejected,
-                                                                     "segment": segment})
-    attempt["id"] = f"{video['id']}:{attempt['kind']}:{slot}"
+        attempt.update(negative=negative, segment=segment, question=None, question_source="generated",
+                       frames={"train": train, "chosen": inside, "rejected": rejected, "segment": segment})
+    attempt["id"] = f"{video['id']}:{kind}:{slot}"
     attempt["judge_order"] = rng.random() < 0.5  # whether the chosen answer is shown to the judge first
     return attempt
+
+
+def fresh_attempt(slot, video, kind, args, taken):
+    """plan_attempt, drawn again (up to 20 times) until the frames it shows are new for this video, so
+    no two attempts share their inputs; None when the video has no new view left. Every slot is planned
+    in order, attempted or not, so a resumed run plans exactly as the first."""
+    for retry in range(20):
+        attempt = plan_attempt(slot, video, kind, args, retry)
+        key = (video["id"], kind, json.dumps(attempt["frames"], sort_keys=True))
+        if key not in taken:
+            taken.add(key)
+            return attempt
+    return None
 
 
 # ---- shared: logs (identical copies in the stages that keep JSONL logs) ----
@@ -667,11 +705,10 @@ def generate(model, processor, requests, args, device):
 
 
 @torch.no_grad()
-def choice_logprobs(model, processor, prompts, choices, args, device):
-    """For each text prompt, the log-probability of each choice's first token as the reply."""
+def choice_logprobs(model, processor, requests, choices, args, device):
+    """For each request (frames or None, prompt), the log-probability of each choice's first token as the reply."""
     ids = [processor.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
-    requests = [(None, p) for p in prompts]
-    scores = [None] * len(prompts)
+    scores = [None] * len(requests)
     for indices in batched(requests, args.batch_size):
         inputs = chat_inputs(processor, [requests[i] for i in indices], device)
         last = torch.log_softmax(model(**inputs).logits[:, -1].float(), -1)[:, ids]
@@ -705,16 +742,33 @@ def run_attempts(model, processor, attempts, args, device):
     return attempts
 
 
+def write_questions(model, processor, attempts, frames, args, device):
+    """The model captions what each attempt's chosen frames show (a localized segment, or the whole
+    video densely) and writes a question from that caption: about the moment, or about the course of
+    the whole video. A comprehensive attempt whose question comes out empty or cut off takes its
+    planned template question instead (counted as `template`); one with a question given in the
+    video list keeps it."""
+    to_write = [a for a in attempts if a["question"] is None]
+    local = lambda a: a["kind"] == "localized"
+    captions = generate(model, processor, [(frames(a, "chosen"), CAPTION_PROMPT if local(a) else WHOLE_VIDEO_CAPTION_PROMPT)
+                                           for a in to_write], args, device)
+    for a, caption_and_cut in zip(to_write, captions):  # a caption only feeds the question and the judge:
+        a["caption"], a["truncated"] = caption_and_cut[0], False  # cut short, it is still a description
+    questions = generate(model, processor, [(None, (QUESTION_PROMPT if local(a) else WHOLE_VIDEO_QUESTION_PROMPT).format(
+        caption=a["caption"])) for a in to_write], args, device)
+    for a, (question, cut) in zip(to_write, questions):
+        if local(a):
+            a["question"], a["truncated"] = question, a["truncated"] or cut
+        elif question.strip() and not cut:
+            a["question"], a["question_source"] = question, "generated"
+        else:
+            a["question"], a["question_source"] = a["fallback_question"], "template"
+
+
 def filter_attempts(model, processor, attempts, frames_of, args, device):
     """Captions, questions and both answers from the decoded frames, then the rules and the judge."""
-    local = [a for a in attempts if a["kind"] == "localized"]
     frames = lambda a, which: frames_of[a["id"], which]
-    captions = generate(model, processor, [(frames(a, "chosen"), CAPTION_PROMPT) for a in local], args, device)
-    for a, (caption, cut) in zip(local, captions):
-        a["caption"], a["truncated"] = caption, cut
-    questions = generate(model, processor, [(None, QUESTION_PROMPT.format(caption=a["caption"])) for a in local], args, device)
-    for a, (question, cut) in zip(local, questions):
-        a["question"], a["truncated"] = question, a["truncated"] or cut
+    write_questions(model, processor, attempts, frames, args, device)
     asked = [a for a in attempts if a["question"].strip()]
     answers = generate(model, processor, [(frames(a, side), a["question"]) for a in asked for side in ("chosen", "rejected")],
                        args, device)
@@ -722,6 +776,7 @@ def filter_attempts(model, processor, attempts, frames_of, args, device):
         (a["chosen"], chosen_cut), (a["rejected"], rejected_cut) = answers[2 * n], answers[2 * n + 1]
         a["truncated"] = a.get("truncated", False) or chosen_cut or rejected_cut
     for a in attempts:  # cheap rules first
+        a.setdefault("truncated", False)
         if not a["question"].strip() or not a.get("chosen") or not a.get("rejected") or (a["kind"] == "localized" and not a["caption"]):
             a["dropped_by"] = "empty"
         elif a["chosen"] == a["rejected"]:
@@ -734,18 +789,20 @@ def filter_attempts(model, processor, attempts, frames_of, args, device):
             a["dropped_by"] = None
     judged = [a for a in attempts if a["dropped_by"] is None]
     if args.judge and judged:
-        prompts = []
-        for a in judged:
+        requests = []
+        for a in judged:  # a localized pair is judged on its moment's frames and caption; a comprehensive one on text
             first, second = (a["chosen"], a["rejected"]) if a["judge_order"] else (a["rejected"], a["chosen"])
-            context = f'Description of the moment: "{a["caption"]}"\n' if a["kind"] == "localized" else ""
-            prompts.append(JUDGE_PREFERENCE.format(question=a["question"], context=context, first=first, second=second))
-        for a, (score_a, score_b) in zip(judged, choice_logprobs(model, processor, prompts, ["A", "B"], args, device)):
+            context = f'Description of the {"moment" if a["kind"] == "localized" else "video"}: "{a["caption"]}"\n' \
+                if a.get("caption") else ""
+            prompt = JUDGE_PREFERENCE.format(question=a["question"], context=context, first=first, second=second)
+            requests.append((frames(a, "chosen") if a["kind"] == "localized" else None, prompt))
+        for a, (score_a, score_b) in zip(judged, choice_logprobs(model, processor, requests, ["A", "B"], args, device)):
             a["judge_margin"] = (score_a - score_b) if a["judge_order"] else (score_b - score_a)
             if a["judge_margin"] < 0:
                 a["dropped_by"] = "judge_prefers_rejected"
         local_judged = [a for a in judged if a["kind"] == "localized" and a["dropped_by"] is None]
-        prompts = [JUDGE_ANSWERABLE.format(caption=a["caption"], question=a["question"]) for a in local_judged]
-        for a, (yes, no) in zip(local_judged, choice_logprobs(model, processor, prompts, ["yes", "no"], args, device)):
+        requests = [(None, JUDGE_ANSWERABLE.format(caption=a["caption"], question=a["question"])) for a in local_judged]
+        for a, (yes, no) in zip(local_judged, choice_logprobs(model, processor, requests, ["yes", "no"], args, device)):
             a["answerable_margin"] = yes - no
             if yes < no:
                 a["dropped_by"] = "unanswerable"
@@ -756,8 +813,9 @@ def pair_record(a, out_dir):
     record = {"id": a["id"], "video": os.path.relpath(a["video"]["path"], os.path.abspath(out_dir)),
               "prompt": a["question"], "chosen": a["chosen"], "rejected": a["rejected"],
               "kind": a["kind"], "negative": a["negative"], "frames": a["frames"],
-              "num_video_frames": a["video"]["frames"], "question": a["question"]}
-    if a["kind"] == "localized":
+              "num_video_frames": a["video"]["frames"], "question": a["question"],
+              "question_source": a["question_source"]}
+    if a.get("caption"):
         record["caption"] = a["caption"]
     for key in ("judge_margin", "answerable_margin"):
         if key in a:
@@ -776,12 +834,22 @@ def restore(out_dir):
     return attempts, [p for pid, p in pairs.items() if pid in kept]
 
 
-def write_stats(out_dir, attempts, bad_videos, targets, seconds, made):
+def write_stats(out_dir, attempts, bad_videos, targets, seconds, made, exhausted=0):
     kept = [a for a in attempts if a["kept"]]
+    kinds = ("localized", "comprehensive")
+    whole = [a for a in attempts if a["kind"] == "comprehensive"]
     stats = {"attempts": len(attempts), "kept": len(kept), "targets": targets,
-             "kept_by_kind": {k: sum(a["kind"] == k for a in kept) for k in ("localized", "comprehensive")},
+             "kept_by_kind": {k: sum(a["kind"] == k for a in kept) for k in kinds},
              "kept_by_negative": {n: sum(a["negative"] == n for a in kept) for n in ("irrelevant", "incomplete")},
+             "kept_by_video": {v: {k: sum(a["kind"] == k for a in kept if a.get("video") == v) for k in kinds}
+                               for v in sorted({a.get("video") for a in kept if a.get("video")})},
+             "comprehensive_questions": {q: {"attempts": sum(a.get("question_source") == q for a in whole),
+                                             "kept": sum(a.get("question_source") == q and a["kept"] for a in whole)}
+                                         for q in ("generated", "template", "given")},
              "dropped_by": {rule: sum(a["dropped_by"] == rule for a in attempts) for rule in DROP_RULES},
+             "dropped_by_kind": {k: {rule: sum(a["dropped_by"] == rule for a in attempts if a["kind"] == k)
+                                     for rule in DROP_RULES} for k in kinds},
+             "slots_without_a_new_view": exhausted,
              "skipped_videos": len(bad_videos), "skipped_video_ids": bad_videos,
              "seconds_this_run": round(seconds, 1), "pairs_made_this_run": made,
              "pairs_per_hour_this_run": round(made * 3600 / seconds, 1) if seconds > 0 else None}
@@ -823,12 +891,17 @@ def main():
     max_slots = int(args.max_attempts * args.num_pairs)
     began = time.perf_counter()
     bar = tqdm(total=args.num_pairs, initial=sum(kept.values()), desc="pairs kept", unit="pair")
-    slot = 0
+    slot, taken, exhausted = 0, set(), 0
     while slot < max_slots and any(kept[k] < targets[k] for k in targets):
         group = []
         for s in range(slot, min(max_slots, slot + args.batch_size)):  # fixed slot groups: a resume regroups alike
-            if s not in finished and kept[slot_kind(s, args.local_share)] < targets[slot_kind(s, args.local_share)]:
-                group.append(plan_attempt(s, usable[s % len(usable)], args))
+            index, kind = slot_plan(s, len(usable), args.local_share, args.seed)
+            attempt = fresh_attempt(s, usable[index], kind, args, taken)
+            if s not in finished and kept[kind] < targets[kind]:
+                if attempt is None:
+                    exhausted += 1
+                else:
+                    group.append(attempt)
         slot += args.batch_size
         if not group:
             continue
@@ -837,8 +910,11 @@ def main():
         new_pairs, logged = [], []
         for a in results:
             keep = a["dropped_by"] is None and kept[a["kind"]] < targets[a["kind"]]
+            if a["dropped_by"] is None and not keep:
+                a["dropped_by"] = "surplus"  # passed every filter, but its group already filled the kind's target
             kept[a["kind"]] += keep
-            logged.append({"slot": a["slot"], "id": a["id"], "kind": a["kind"], "negative": a["negative"],
+            logged.append({"slot": a["slot"], "id": a["id"], "video": a["video"]["id"], "kind": a["kind"],
+                           "negative": a["negative"], "question_source": a.get("question_source"),
                            "kept": keep, "dropped_by": a["dropped_by"]})
             if keep:
                 new_pairs.append(pair_record(a, args.out))
@@ -849,11 +925,29 @@ def main():
         bar.set_postfix(tried=len(done))
     bar.close()
     made = sum(kept.values()) - len(pairs)
-    stats = write_stats(args.out, done, bad, targets, time.perf_counter() - began, made)
+    stats = write_stats(args.out, done, bad, targets, time.perf_counter() - began, made, exhausted)
     print(f"kept {stats['kept']} of {stats['attempts']} attempts ({stats['kept_by_kind']}); dropped {stats['dropped_by']}; "
           f"pairs in {pairs_path}")
     if stats["kept"] == 0:
         raise InputError(f"{args.out}: no pair survived the filters ({stats['dropped_by']})")
+    if stats["kept"] < args.num_pairs:
+        report_shortfall(stats, args)
+
+
+def report_shortfall(stats, args):
+    """One warning with what was kept of each kind, what dropped the most, and what to try."""
+    top = sorted(((n, rule) for rule, n in stats["dropped_by"].items() if n), reverse=True)[:3]
+    hints = ["more videos", f"a larger --max-attempts (now {args.max_attempts:g})"]
+    if stats["dropped_by"]["identical"] + stats["dropped_by"]["near_identical"] and args.temperature == 0:
+        hints.append("--temperature 0.7 (greedy answers from two views are often the same)")
+    if stats["dropped_by"]["truncated"]:
+        hints.append(f"a larger --max-new-tokens (now {args.max_new_tokens})")
+    if stats["dropped_by"]["judge_prefers_rejected"] + stats["dropped_by"]["unanswerable"]:
+        hints.append("--no-judge, if the model is too weak to judge")
+    tqdm.write(f"warning: kept {stats['kept']} of the {args.num_pairs} pairs asked for "
+               f"({stats['kept_by_kind']['localized']} localized of {stats['targets']['localized']}, "
+               f"{stats['kept_by_kind']['comprehensive']} comprehensive of {stats['targets']['comprehensive']}); "
+               f"most dropped by {', '.join(f'{rule} ({n})' for n, rule in top)}; try {', '.join(hints)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,14 @@
 """Stage 05: TPO training, 4-bit QLoRA DPO plus an SFT term, with a Triton log-prob kernel.
 
-loss = DPO_sigmoid(beta) + alpha * NLL(chosen), on stage 04's temporal preference pairs.
+The loss, on stage 04's temporal preference pairs (y_w chosen, y_l rejected, x the prompt and frames):
+
+    L = mean over pairs of -log sigmoid(beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))])
+        + alpha * (-sum of log pi over the chosen tokens of the micro-batch / their number)
+
+log pi and log ref are summed over each answer's tokens; pi is the LoRA policy and ref the model
+it starts from (the base, or the T3 adapter), both without dropout. beta = 0.1 (--beta), alpha =
+1.0 (--alpha); --sft-norm pair takes the NLL per pair and averages over pairs instead.
+
 Chosen and rejected share the prompt and the video: they run as one packed sequence
 [prompt, chosen, rejected] (the rejected answer masked from the chosen one, its positions
 restarting after the prompt), so the vision tower and the prompt's forward and backward run
@@ -52,6 +60,10 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True)
     p.add_argument("--beta", type=float, default=0.1, help="DPO temperature")
     p.add_argument("--alpha", type=float, default=1.0, help="weight of the NLL term on the chosen answer")
+    p.add_argument("--sft-norm", choices=("batch", "pair"), default="batch",
+                   help="NLL per token over all chosen tokens of a micro-batch (TPO's, default) or per pair, then averaged")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of pairs held out of training to log reward accuracy on (none below 10 pairs)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--epochs", type=float, default=1.0)
@@ -997,16 +1009,35 @@ def fused_token_logprobs(hidden, weight, labels, ignore_index=-100):
 
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_nll, beta, alpha):
-    """TPO's objective: -log sigmoid(beta * (policy margin - reference margin)) + alpha * NLL(chosen),
-    averaged over pairs; with the implicit rewards and their accuracy."""
+    """TPO's objective, mean over pairs of -log sigmoid(beta * (policy margin - reference margin)),
+    plus alpha * chosen_nll (a scalar, or one value per pair, averaged); with the implicit rewards
+    and their accuracy."""
     chosen_reward = beta * (policy_chosen - reference_chosen)
     rejected_reward = beta * (policy_rejected - reference_rejected)
     dpo = -torch.nn.functional.logsigmoid(chosen_reward - rejected_reward)
-    loss = (dpo + alpha * chosen_nll).mean()
+    loss = dpo.mean() + alpha * chosen_nll.mean()
     metrics = {"dpo": dpo.mean().item(), "nll": chosen_nll.mean().item(),
                "margin": (chosen_reward - rejected_reward).mean().item(),
                "reward_accuracy": (chosen_reward > rejected_reward).float().mean().item()}
     return loss, metrics
+
+
+def chosen_nll(sums, counts, norm="batch"):
+    """The SFT term from rows [c1, r1, c2, r2, ...]: negative log-likelihood of the chosen answers per
+    token, over all chosen tokens of the micro-batch (TPO's normalisation, `batch`) or per pair and
+    then averaged over pairs (`pair`). The two agree for one pair per micro-batch."""
+    if norm == "pair":
+        return -sums[0::2] / counts[0::2].clamp(min=1)
+    return -sums[0::2].sum() / counts[0::2].sum().clamp(min=1)
+
+
+def disable_dropout(model):
+    """DPO compares the policy with a reference computed without dropout, so the policy runs without it
+    too (as TPO's trainer does): otherwise the first step already sees a margin, and a T3 adapter's
+    lora_dropout would bias every step."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 # ---------------------------------------------------------------- pairs
@@ -1231,11 +1262,43 @@ def average_gradients(params, world):
         param.grad /= world
 
 
+def split_held_out(pairs, encoded, fraction, seed):
+    """(training pairs, their encodings, held-out pairs, theirs): a seeded `fraction` of the pairs
+    (none below 10 pairs) is never trained on, so the reward accuracy on them shows memorisation."""
+    held = round(len(pairs) * fraction) if len(pairs) >= 10 else 0
+    order = sorted(range(len(pairs)), key=lambda i: random.Random(f"{seed}:held-out:{pairs[i]['id']}").random())
+    out = set(order[:held])
+    pick = lambda items, inside: [x for i, x in enumerate(items) if (i in out) == inside]
+    return pick(pairs, False), pick(encoded, False), pick(pairs, True), pick(encoded, True)
+
+
+@torch.no_grad()
+def held_out_metrics(model, processor, pairs, encoded, reference, args, device):
+    """Reward accuracy and margin of the current policy on pairs it never trained on."""
+    margins = []
+    for pair, pair_encoded in zip(pairs, encoded):
+        sums, _ = rows_logps(model, processor, [pair_encoded], device, args.shared_prompt, args.fused_head)
+        ref_chosen, ref_rejected = reference[str(pair["id"])]
+        margins.append(args.beta * ((sums[0].item() - ref_chosen) - (sums[1].item() - ref_rejected)))
+    return {"val_reward_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
+            "val_margin": round(sum(margins) / len(margins), 5), "val_pairs": len(margins)}
+
+
 def pair_batches(count, batch_size, seed, epoch):
     rng = random.Random(f"{seed}:epoch:{epoch}")
     order = list(range(count))
     rng.shuffle(order)
     return [order[i:i + batch_size] for i in range(0, count, batch_size)]
+
+
+def warn_if_revisiting(total_steps, pairs_per_step, train_pairs, held_out):
+    """Say so when the run shows each training pair more than a few times: DPO then memorises."""
+    epochs = total_steps * pairs_per_step / max(1, train_pairs)
+    if epochs > 3:
+        tqdm.write(f"warning: {total_steps} steps of {pairs_per_step} pairs show each of the {train_pairs} training pairs "
+                   f"{epochs:.1f} times; reward accuracy on them will reach 1 by memorising"
+                   + (f" (watch val_reward_accuracy on the {held_out} held-out pairs)" if held_out else
+                      " (with 10 or more pairs, --val-fraction holds some out to show it)"), file=sys.stderr)
 
 
 def train(args):
@@ -1246,14 +1309,18 @@ def train(args):
     check_run_folder(args.out, args.resume)
     model, processor = load_model(args.model, args.four_bit, device)
     model = prepare_policy(model, args)
+    disable_dropout(model)
     pairs, encoded = encode_pairs(processor, pairs, args.num_frames, main_process)
     reference = reference_logps(model, processor, pairs, encoded, os.path.join(args.out, f"reference_logps.rank{rank}.jsonl"),
                                 device, main_process, args)
+    pairs, encoded, held_pairs, held_encoded = split_held_out(pairs, encoded, args.val_fraction, args.seed)
     model.train()
 
     micro_per_step = args.grad_accum * world
     steps_per_epoch = max(1, len(pair_batches(len(pairs), args.batch_size, args.seed, 0)) // micro_per_step)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    if main_process:
+        warn_if_revisiting(total_steps, micro_per_step * args.batch_size, len(pairs), len(held_pairs))
     trainable, optimizer, scheduler = optimizer_and_schedule(model, args, total_steps)
     checkpoint = os.path.join(args.out, "checkpoint")
     step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
@@ -1274,7 +1341,7 @@ def train(args):
                                           args.fused_head)
                 ref = torch.tensor([reference[str(pairs[i]["id"])] for i in micro], device=device)
                 loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[:, 0], ref[:, 1],
-                                         -sums[0::2] / counts[0::2].clamp(min=1), args.beta, args.alpha)
+                                         chosen_nll(sums, counts, args.sft_norm), args.beta, args.alpha)
                 (loss / len(mine)).backward()
                 for key, value in dict(metrics, loss=loss.item()).items():
                     totals[key] = totals.get(key, 0.0) + value / len(mine)
@@ -1286,12 +1353,15 @@ def train(args):
             step += 1
             bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['reward_accuracy']:.2f}", margin=f"{totals['margin']:.3f}")
             bar.update()
+            checkpoint_now = step % args.save_every == 0 or step == stop_at
             if log:
-                log.write(json.dumps({"step": step, **{k: round(v, 5) for k, v in totals.items()},
-                                      "lr": scheduler.get_last_lr()[0], "grad_norm": round(float(grad_norm), 4),
-                                      "seconds": round(time.perf_counter() - began, 3)}) + "\n")
+                entry = {"step": step, **{k: round(v, 8) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
+                         "grad_norm": round(float(grad_norm), 4), "seconds": round(time.perf_counter() - began, 3)}
+                if held_pairs and checkpoint_now:
+                    entry.update(held_out_metrics(model, processor, held_pairs, held_encoded, reference, args, device))
+                log.write(json.dumps(entry) + "\n")
                 log.flush()
-            if main_process and (step % args.save_every == 0 or step == stop_at):
+            if main_process and checkpoint_now:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, step)
     bar.close()
     if log:

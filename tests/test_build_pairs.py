@@ -52,7 +52,7 @@ def test_planned_frames_include_or_exclude_the_segment():
     video = {"id": "a.mp4", "path": "/x/a.mp4", "frames": 57}
     kinds = set()
     for slot in range(200):
-        a = pairs_stage.plan_attempt(slot, video, args)
+        a = pairs_stage.plan_attempt(slot, video, "localized" if slot % 2 else "comprehensive", args)
         f = a["frames"]
         assert len(f["train"]) == 8 and all(0 <= i < 57 for i in f["train"] + f["chosen"] + f["rejected"])
         kinds.add((a["kind"], a["negative"]))
@@ -67,7 +67,7 @@ def test_planned_frames_include_or_exclude_the_segment():
         else:
             assert f["chosen"] == f["train"] and len(f["rejected"]) == 3
     assert kinds == {("localized", "irrelevant"), ("localized", "incomplete"), ("comprehensive", "incomplete")}
-    assert pairs_stage.plan_attempt(7, video, args) == pairs_stage.plan_attempt(7, video, args)  # seeded
+    assert pairs_stage.plan_attempt(7, video, "localized", args) == pairs_stage.plan_attempt(7, video, "localized", args)
 
 
 @pytest.mark.parametrize("ratio,share", [("5:5", 0.5), ("7:3", 0.7), ("1:0", 1.0)])
@@ -78,14 +78,42 @@ def test_slot_kinds_follow_the_ratio(ratio, share):
     assert all(abs(kinds[:n].count("localized") - n * share) <= 1 for n in range(1, 100))  # interleaved, not blocked
 
 
+@pytest.mark.parametrize("num_videos", [2, 3, 4, 6])
+@pytest.mark.parametrize("ratio,share", [("5:5", 0.5), ("7:3", 0.7)])
+def test_every_video_gets_both_kinds_at_the_ratio(num_videos, ratio, share):
+    """Slot parity must not tie a kind to a video (with an even number of videos it did): over 20 rounds
+    each video gets localized attempts in the asked share, within one."""
+    rounds = 20
+    plans = [pairs_stage.slot_plan(s, num_videos, share, seed=0) for s in range(rounds * num_videos)]
+    for video in range(num_videos):
+        kinds = [kind for v, kind in plans if v == video]
+        assert len(kinds) == rounds
+        assert abs(kinds.count("localized") - share * rounds) <= 1, (video, kinds)
+    assert abs(sum(kind == "localized" for _, kind in plans) - share * len(plans)) <= num_videos
+    assert plans == [pairs_stage.slot_plan(s, num_videos, share, seed=0) for s in range(rounds * num_videos)]  # seeded
+
+
+def test_no_two_attempts_share_their_inputs():
+    """Attempts on one video are jittered views, re-drawn when one repeats: over 400 slots on 3 short
+    videos no (video, kind, frames) comes twice."""
+    args = pairs_stage.parse_args(["--model", "m", "--videos", "v", "--out", "o", "--num-frames", "8", "--sparse-frames", "2"])
+    videos = [{"id": f"v{i}", "path": f"v{i}.mp4", "frames": 24 + 8 * i} for i in range(3)]
+    taken, planned = set(), []
+    for slot in range(400):
+        index, kind = pairs_stage.slot_plan(slot, len(videos), args.local_share, args.seed)
+        attempt = pairs_stage.fresh_attempt(slot, videos[index], kind, args, taken)
+        if attempt:
+            planned.append((attempt["video"]["id"], kind, json.dumps(attempt["frames"], sort_keys=True)))
+    assert len(planned) > 380 and len(set(planned)) == len(planned)
+
+
 def test_filters_drop_what_they_claim(monkeypatch):
     args = pairs_stage.parse_args(["--model", "m", "--videos", "v", "--out", "o", "--num-frames", "8", "--sparse-frames", "2"])
     video = {"id": "a.mp4", "path": "a.mp4", "frames": 40}
-    attempts = [pairs_stage.plan_attempt(s, video, args) for s in range(8)]
-    for a in attempts:
-        a["kind"], a["question"] = "comprehensive", "What happens?"
-    attempts[6]["kind"] = attempts[7]["kind"] = "localized"
-    attempts[6]["caption"] = attempts[7]["caption"] = "A square moves."
+    attempts = [pairs_stage.plan_attempt(s, video, "comprehensive", args) for s in range(6)]
+    attempts += [pairs_stage.plan_attempt(s, video, "localized", args) for s in range(6, 8)]
+    for a in attempts[:6]:
+        a["question"] = "What happens?"  # given with the video: no caption or question to write
     answers = [("", False), ("x", False),                                # empty
                ("a dog runs", False), ("a dog runs", False),              # identical
                ("a big red dog runs fast", False), ("a big red dog runs fast now", False),  # near identical
@@ -112,11 +140,17 @@ def test_builds_pairs_with_ratio_stats_and_bad_video_skipped(tiny_models, t3_ada
     result = build(tiny_models, t3_adapter, video_dir, tmp_path, "--num-pairs", "4", "--no-judge", "--max-attempts", "6")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stderr.count("warning: skipping") == 1 and "broken.mp4" in result.stderr
+    attempts = read(tmp_path / "attempts.jsonl")
+    assert {a["video"] for a in attempts} == {"clip0.mp4", "clip1.mp4", "nested/clip2.mp4"}
+    comprehensive = [a for a in attempts if a["kind"] == "comprehensive"]
+    assert comprehensive and all(a["question_source"] in ("generated", "template") for a in comprehensive)
     pairs = read(tmp_path / "pairs.jsonl")
     stats = json.load(open(tmp_path / "stats.json"))
     assert stats["kept_by_kind"] == {"localized": 2, "comprehensive": 2} and len(pairs) == 4
     assert stats["skipped_videos"] == 1 and stats["attempts"] == len(read(tmp_path / "attempts.jsonl"))
     assert sum(stats["dropped_by"].values()) == stats["attempts"] - stats["kept"]
+    assert stats["comprehensive_questions"]["template"]["attempts"] == sum(a["question_source"] == "template" for a in comprehensive)
+    assert sum(stats["comprehensive_questions"][q]["attempts"] for q in ("generated", "template")) == len(comprehensive)
     for pair in pairs:
         assert os.path.isfile(tmp_path / pair["video"])  # relative to the pairs file
         assert pair["chosen"] != pair["rejected"] and pair["prompt"] == pair["question"]
@@ -176,3 +210,14 @@ def test_no_readable_video_or_missing_model_is_a_clear_error(tiny_models, video_
     missing = subprocess.run([sys.executable, SCRIPT, "--model", str(tmp_path / "nope"), "--videos", str(video_dir),
                               "--out", str(tmp_path / "out2")], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nope'}: no such model folder"
+
+
+def test_a_shortfall_is_said_with_what_to_try(tiny_models, t3_adapter, video_dir, tmp_path):
+    result = build(tiny_models, t3_adapter, video_dir, tmp_path, "--num-pairs", "40", "--no-judge", "--max-attempts", "0.3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    stats = json.load(open(tmp_path / "stats.json"))
+    assert 0 < stats["kept"] < 40
+    line = next(l for l in result.stderr.splitlines() if l.startswith("warning: kept"))
+    assert line.startswith(f"warning: kept {stats['kept']} of the 40 pairs asked for ({stats['kept_by_kind']['localized']} "
+                           f"localized of 20, {stats['kept_by_kind']['comprehensive']} comprehensive of 20); most dropped by ")
+    assert "try more videos, a larger --max-attempts (now 0.3)" in line

@@ -143,7 +143,7 @@ def test_loglik_picks_the_option_the_logits_favour(tiny_models, benches):
     _, text_items = evaluation.read_bench(benches["t3"], "auto", None, None)
     for items in (video_items, text_items):
         batch = [("bench", item) for item in items]
-        _, frames, _ = evaluation.decode(batch, 4, skip_missing=False)
+        _, frames, _ = evaluation.decode(batch, 4, False, processor)
         scored = evaluation.score_batch(model, processor, batch, frames, args, torch.device("cpu"))
         for (_, item), (predicted, raw) in zip(batch, scored):
             expected = 0 if evaluation.is_yes_no(item["options"]) else (2 if len(item["options"]) > 2 else None)

@@ -373,3 +373,52 @@ def test_compiled_fused_kernel_at_qwen2_sizes():
     expected, grad_hidden, _ = fused_reference(hidden[rows], weight, labels[rows], upstream[rows])
     torch.testing.assert_close(out[rows].double(), expected, rtol=1e-3, atol=2e-2)
     torch.testing.assert_close(hidden.grad[rows].double(), grad_hidden, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "t3-adapter"])
+def test_the_first_step_starts_at_ln2_without_dropout(tiny_models, pairs_file, tmp_path, with_adapter):
+    """Policy and reference are the same model at step 1, so every margin is 0 and the DPO term ln 2,
+    also from a T3 adapter trained with lora_dropout 0.05 (the policy runs without dropout, as the
+    reference does), in 4-bit."""
+    import math
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+    extra = []
+    if with_adapter:
+        base = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen2_vl"])
+        t3 = get_peft_model(base, LoraConfig(r=4, lora_dropout=0.05, init_lora_weights=False,
+                                             target_modules=r".*language_model.*\.(q_proj|v_proj|down_proj)$"))
+        t3.save_pretrained(tmp_path / "t3")
+        extra = ["--adapter", str(tmp_path / "t3")]
+    args = tpo.parse_args(["--model", tiny_models["qwen2_vl"], "--pairs", str(pairs_file), "--out", str(tmp_path / "out"),
+                           "--max-steps", "1", "--grad-accum", "1", "--batch-size", "2", *extra])
+    tpo.train(args)
+    first = json.loads(open(tmp_path / "out" / "train_log.jsonl").readline())
+    assert first["dpo"] == pytest.approx(math.log(2), abs=1e-6) and first["margin"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sft_term_is_a_token_mean_over_the_micro_batch():
+    """TPO normalises the chosen answers' NLL by all their tokens in the micro-batch; per pair is a flag."""
+    sums = torch.tensor([-6.0, -1.0, -2.0, -9.0])  # rows [c1, r1, c2, r2]: chosen log-prob sums -6 (3 tokens), -2 (1 token)
+    counts = torch.tensor([3, 5, 1, 7])
+    assert tpo.chosen_nll(sums, counts).item() == pytest.approx(8 / 4)
+    assert tpo.chosen_nll(sums, counts, "pair").tolist() == pytest.approx([2.0, 2.0])
+    uneven = torch.tensor([-6.0, 0.0, -4.0, 0.0])
+    assert tpo.chosen_nll(uneven, counts).item() == pytest.approx(10 / 4)
+    assert tpo.chosen_nll(uneven, counts, "pair").mean().item() == pytest.approx((2 + 4) / 2)
+
+
+def test_held_out_pairs_show_memorisation_and_revisits_are_warned(tiny_models, tmp_path):
+    pairs = make_pairs(tmp_path, count=12)
+    result = subprocess.run([sys.executable, SCRIPT, "--model", tiny_models["qwen2_vl"], "--pairs", str(pairs),
+                             "--out", str(tmp_path / "out"), "--max-steps", "20", "--grad-accum", "2", "--save-every", "10",
+                             "--no-4bit", "--num-frames", "4"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: 20 steps of 2 pairs show each of the 11 training pairs 3.6 times; reward accuracy on "
+                        "them will reach 1 by memorising (watch val_reward_accuracy on the 1 held-out pairs)"]
+    log = [json.loads(line) for line in open(tmp_path / "out" / "train_log.jsonl")]
+    evaluated = [e for e in log if "val_reward_accuracy" in e]
+    assert [e["step"] for e in evaluated] == [10, 20] and all(e["val_pairs"] == 1 for e in evaluated)
+    reference = [json.loads(line)["id"] for line in open(tmp_path / "out" / "reference_logps.rank0.jsonl")]
+    assert len(reference) == 12  # the held-out pair has its reference too
