@@ -181,7 +181,9 @@ def run_main(main):
 # ---------------------------------------------------------------- captions in
 
 def load_caption_file(path):
-    """Captions from JSONL {id, caption}, a LLaVA conversation list, or COCO captions_*.json."""
+    """[(caption, source)] from JSONL {id, caption}, a JSON list of {id, caption}, a LLaVA conversation
+    list (the first gpt turn is the caption) or COCO captions_*.json. `source` names what the caption
+    describes (COCO's image_id, a record's image or id), so that captions of one image share a split."""
     text = read_text(path)
     if not text.strip():
         raise InputError(f"{path}: empty file, no captions")
@@ -192,29 +194,42 @@ def load_caption_file(path):
             raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         whole = None  # JSONL: several objects, each checked line by line below
     if isinstance(whole, list):
-        captions = _llava_captions(path, whole)
-    elif isinstance(whole, dict) and "caption" not in whole:
+        captions = _list_captions(path, whole)
+    elif isinstance(whole, dict) and "annotations" in whole:
         captions = _coco_captions(path, whole)
-    else:
+    elif isinstance(whole, dict) and ("images" in whole or "info" in whole):
+        raise InputError(f"{path}: a JSON object without an 'annotations' list (expected COCO captions_*.json)")
+    else:  # JSONL, or one JSON object on one line: checked as JSONL records
         captions = []
         for number, record in read_jsonl(path):
             caption = record.get("caption")
             if not isinstance(caption, str) or not caption.strip():
                 raise InputError(f"{path}:{number}: record has no non-empty 'caption' string")
-            captions.append(caption)
+            captions.append((caption, _source(record, f"{path}:{number}")))
     if not captions:
         raise InputError(f"{path}: no captions found")
     return captions
 
 
-def _llava_captions(path, data):
+def _source(record, fallback):
+    for key in ("image", "image_id", "id"):
+        if isinstance(record.get(key), (str, int)) and not isinstance(record.get(key), bool):
+            return f"{key}:{record[key]}"
+    return fallback
+
+
+def _list_captions(path, data):
+    """A JSON list of {id, caption} records, or of LLaVA conversations whose first gpt turn is the caption."""
     captions = []
     for i, record in enumerate(data):
+        if isinstance(record, dict) and isinstance(record.get("caption"), str) and record["caption"].strip():
+            captions.append((record["caption"], _source(record, f"{path}:{i}")))
+            continue
         turns = record.get("conversations") if isinstance(record, dict) else None
         gpt = [t.get("value") for t in turns or [] if isinstance(t, dict) and t.get("from") == "gpt"]
         if not gpt or not isinstance(gpt[0], str) or not gpt[0].strip():
-            raise InputError(f"{path}: record {i} has no gpt turn with the caption (LLaVA conversation form)")
-        captions.append(gpt[0])
+            raise InputError(f"{path}: record {i} has neither a 'caption' nor a gpt turn with the caption (LLaVA conversation form)")
+        captions.append((gpt[0], _source(record, f"{path}:{i}")))
     return captions
 
 
@@ -226,22 +241,36 @@ def _coco_captions(path, data):
     for i, ann in enumerate(annotations):
         if not isinstance(ann, dict) or not isinstance(ann.get("caption"), str):
             raise InputError(f"{path}: annotation {i} has no 'caption' string")
-        captions.append(ann["caption"])
+        captions.append((ann["caption"], f"image_id:{ann['image_id']}" if "image_id" in ann else f"{path}:{i}"))
     return captions
 
 
+ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Dr", "St", "Jr", "Sr", "Prof", "Mt", "vs", "etc", "e.g", "i.e", "approx", "No")
+
+
+def first_sentence(text):
+    """Text up to the first sentence end that is not an abbreviation's full stop ("Mr.", "St.", "e.g.")."""
+    for m in re.finditer(r"[.!?](?=\s+\S)", text):
+        word = re.search(r"([A-Za-z.]+)$", text[:m.start()])
+        if m.group(0) == "." and word and word.group(1).rstrip(".") in ABBREVIATIONS:
+            continue
+        return text[:m.end()]
+    return text
+
+
 def clean_caption(text, max_words):
-    """One line, no image tokens, at most max_words words, ending with a full stop."""
+    """One line, no image tokens, ending with a full stop. A caption over max_words words keeps its
+    first sentence (long LLaVA-ReCap paragraphs describe one image in many), and that sentence is
+    cut at max_words words if it is still longer. Junk ("!", "Ok.", "A.") comes back empty."""
     text = re.sub(r"<image>|<video>", " ", text)
     text = " ".join(text.split())
-    words = text.split()
-    if len(words) > max_words:
-        first_sentence = re.split(r"(?<=[.!?])\s", text, maxsplit=1)[0]
-        words = first_sentence.split()[:max_words]
-        text = " ".join(words)
+    if len(text.split()) > max_words:
+        text = " ".join(first_sentence(text).split()[:max_words])
     text = text.rstrip(" ,;:")
     if text and text[-1] not in ".!?":
         text += "."
+    if len(re.findall(r"[A-Za-z]+", text)) < 3:
+        return ""
     return text[:1].upper() + text[1:]
 
 
@@ -316,7 +345,8 @@ def _builtin_caption(rng):
         action = ("are" if verb == "is" else "lie" if verb == "lies" else verb[:-1]) + " " + rest
     subject = " ".join(words)
     if kind == "person" and rng.random() < 0.6:
-        subject += f" in a {rng.choice(COLOURS)} {rng.choice(CLOTHES)}"
+        colour = rng.choice(COLOURS)
+        subject += f" in {'an' if colour[0] in 'aeiou' else 'a'} {colour} {rng.choice(CLOTHES)}"
     determiner = rng.choice(COUNTS) if many else ("an" if subject[0] in "aeiou" else "a")
     return clean_caption(f"{determiner} {subject} {action} {rng.choice(PLACES[kind])}", 1000)
 
@@ -326,13 +356,31 @@ def attribute_key(caption):
     return re.sub(r"\ban #", "a #", ATTRIBUTE_RE.sub("#", caption.lower()))
 
 
+def near_duplicate_key(caption):
+    """What is left of a caption without case, spacing, punctuation and attribute words: "A cat." and
+    "a  cat ." and "A black cat." share it."""
+    return " ".join(re.findall(r"[a-z0-9#]+", attribute_key(caption)))
+
+
 def split_captions(captions, val_fraction):
-    """Disjoint train/val pools. Captions that differ only in attribute words share a split,
-    so an attribute-changed variant of a training caption never equals a validation caption."""
+    """Disjoint train/val pools from [(caption, source)]. Captions of one source (a COCO image, a
+    record) and captions that are near-duplicates of each other (same key) are joined into one
+    group, and a group goes to one split by a hash of its first caption's key: no validation
+    caption, nor a variant of it, nor another caption of its image, is seen in training."""
+    parent = {}
+    def root(node):
+        while parent.setdefault(node, node) != node:
+            parent[node] = parent[parent[node]]
+            node = parent[node]
+        return node
+    for caption, source in captions:
+        a, b = root(("source", source)), root(("key", near_duplicate_key(caption)))
+        if a != b:
+            parent[max(a, b)] = min(a, b)
     train, val = [], []
-    for caption in captions:
-        key = attribute_key(caption)
-        bucket = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+    for caption, source in captions:
+        group = root(("key", near_duplicate_key(caption)))
+        bucket = int.from_bytes(hashlib.sha256(repr(group).encode()).digest()[:8], "big") / 2**64
         (val if bucket < val_fraction else train).append(caption)
     return train, val
 
@@ -374,6 +422,16 @@ def quote(caption):
     return '"' + caption.rstrip(".") + '"'
 
 
+def window_pick(rng, count):
+    """(asked index, the NUM_OPTIONS consecutive indices shown as options) over range(count): the
+    answer's rank inside the window is uniform and the window's start independent of it, so the
+    options (neighbouring times or positions, the most confusable ones) never give the answer away
+    by where it sits among them, as "the one in the middle" would."""
+    start = rng.randrange(count - NUM_OPTIONS + 1)
+    window = list(range(start, start + NUM_OPTIONS))
+    return window[rng.randrange(NUM_OPTIONS)], window
+
+
 def pick_distractors(rng, candidates, k=NUM_OPTIONS - 1, prefer=()):
     """Preferred (most confusable) candidates first, then random others."""
     prefer = [c for c in prefer if c in candidates]
@@ -388,14 +446,12 @@ def build_order(rng, pool, n):
     kind = rng.choice(["first", "last", "before", "after", "three"])
     if kind == "three":
         chosen = sorted(rng.sample(range(n), 3))
-        shown = chosen[:]
-        while shown == chosen:
-            rng.shuffle(shown)
+        shown = rng.sample(chosen, 3)  # any order, the right one included: no answer is ruled out by the listing
         labels = {idx: f"({'abc'[i]})" for i, idx in enumerate(shown)}
         listing = " ".join(f"{labels[idx]} {events[idx]}" for idx in shown)
         question = f"In what order do these events happen? {listing}"
         perms = [", ".join(labels[i] for i in p) for p in itertools.permutations(chosen)]
-        return Sample(header, frame_lines(events), question, perms[0], perms[1:])
+        return Sample(header, frame_lines(events), question, perms[0], rng.sample(perms[1:], NUM_OPTIONS - 1))
     if kind in ("before", "after"):
         j = rng.randrange(1, n - 1) if n > 2 else 1
         earlier, later = events[:j], events[j + 1:]
@@ -411,21 +467,48 @@ def build_order(rng, pool, n):
     return Sample(header, frame_lines(events), question, answer, pick_distractors(rng, others, prefer=near))
 
 
+# Words that end a noun phrase (or are no noun): the noun an attribute question names must be the
+# one word between the attribute and one of these, so "a red fire hydrant", "a red shiny car" or
+# "a black and white photo" give no question rather than "the colour of the fire / shiny / and".
+FUNCTION_WORDS = set("""a an the and or but of with without in on at to from by for into onto over under near
+    next behind beside between through across along around against up down off out about above below after
+    before during while as that which who whose is are was were be been being has have had its their his her
+    this these those some very there here it they he she them""".split())
+VERB_WORDS = set("""is are sits sit stands stand runs run walks walk lies lie rests rest plays play reads waves
+    takes take jogs drives drive turns turn waits wait slows floats float drifts drift sails sail flies fly
+    rises rise hangs hang looks look holds hold rides ride eats eat sleeps sleep waiting parked sitting
+    standing""".split())
+
+
 def find_attribute(caption):
-    """(match, category, noun) for the first swappable attribute word in a caption, or None."""
+    """(match, category, noun) for the first attribute word of a caption that can be swapped safely:
+    not part of "black and white", and followed (after any other attribute words) by a single noun
+    that ends its phrase; None when no attribute qualifies."""
+    tokens = [(m.group(0), m.start(), m.end()) for m in re.finditer(r"[A-Za-z]+|[^\sA-Za-z]", caption)]
+    words = [t[0].lower() for t in tokens]
     for match in ATTRIBUTE_RE.finditer(caption):
-        after = re.findall(r"[A-Za-z]+", caption[match.end():])
-        noun = next((w for w in after if w.lower() not in ATTRIBUTE_WORDS), None)
-        if noun:
-            return match, ATTRIBUTE_WORDS[match.group(1).lower()], noun.lower()
+        i = next(k for k, t in enumerate(tokens) if t[1] == match.start())
+        paired = (i >= 2 and words[i - 1] in ("and", "or") and words[i - 2] in ATTRIBUTE_WORDS) or \
+                 (i + 2 < len(words) and words[i + 1] in ("and", "or") and words[i + 2] in ATTRIBUTE_WORDS)
+        j = i + 1
+        while j < len(words) and words[j] in ATTRIBUTE_WORDS:
+            j += 1
+        noun = words[j] if j < len(words) else ""
+        after = words[j + 1] if j + 1 < len(words) else "."
+        ends_phrase = not after.isalpha() or after in FUNCTION_WORDS or after in VERB_WORDS or \
+            after.endswith(("ing", "ed")) or (after.endswith("s") and not noun.endswith("s"))
+        if (not paired and noun.isalpha() and len(noun) > 2 and noun not in FUNCTION_WORDS | VERB_WORDS
+                and not noun.endswith(("ing", "ly")) and ends_phrase):
+            return match, ATTRIBUTE_WORDS[match.group(1).lower()], noun
     return None
 
 
 def swap_attribute(caption, match, value):
+    """The caption with its attribute word replaced, an "a"/"an" before it agreeing with the new word."""
     before, after = caption[:match.start()], caption[match.end():]
-    if re.search(r"\b(a|an)\s+$", before, re.IGNORECASE):  # keep "a"/"an" right for the new word
-        article = "an" if value[0] in "aeiou" else "a"
-        before = re.sub(r"\b(a|an)(\s+)$", lambda m: (article.capitalize() if m.group(1)[0].isupper() else article) + m.group(2), before)
+    article = "an" if value[0] in "aeiou" else "a"
+    before = re.sub(r"\b(a|an)(\s+)$", lambda m: (article.capitalize() if m.group(1)[0].isupper() else article) + m.group(2),
+                    before, flags=re.IGNORECASE)
     word = value.capitalize() if match.group(1)[0].isupper() else value
     return before + word + after
 
@@ -443,33 +526,47 @@ def describe_change(states):
     return text + "".join(f", then to {s}" for s in states[2:]) + "."
 
 
+def trajectories(values):
+    """Every way the attribute can go over the video with these values: stay at one, change once,
+    or (with three values) change twice, each value at most once."""
+    return [list(p) for k in range(1, min(3, len(values)) + 1) for p in itertools.permutations(values, k)]
+
+
 def build_attribute(rng, pool, n, attribute_pool):
+    """The subject's attribute follows one of the possible trajectories over a value set (the
+    caption's own value and two others; a state's two values), drawn uniformly; the distractors are
+    three other trajectories, drawn uniformly from the rest. So the options are a uniform draw
+    around the answer: no word or form makes the answer stand out among them."""
     caption = rng.choice(attribute_pool)
     match, category, noun = find_attribute(caption)
-    values = attribute_values(category, match.group(1).lower())
-    k = min(len(values), rng.choice([2, 2, 3]))
-    states = rng.sample(values, k)
+    current = match.group(1).lower()
+    values = attribute_values(category, current)
+    if len(values) > 2:
+        values = [current] + rng.sample([v for v in values if v != current], 2)
+    candidates = trajectories(values)
+    states = rng.choice(candidates)
+    k = len(states)
     subject_frames = max(k, n // 2)
     # split the subject's appearances into k consecutive runs, one per state
     cuts = sorted(rng.sample(range(1, subject_frames), k - 1))
     runs = [b - a for a, b in zip([0] + cuts, cuts + [subject_frames])]
     subject = [swap_attribute(caption, match, s) for s, r in zip(states, runs) for _ in range(r)]
     key, others = attribute_key(caption), []
-    while len(others) < n - subject_frames:  # no other frame may look like the subject
+    for _ in range(50 * n):  # no other frame may look like the subject; bounded, for captions that barely vary
+        if len(others) == n - subject_frames:
+            break
         other = rng.choice(pool)
         if other not in others and attribute_key(other) != key:
             others.append(other)
+    else:
+        return None
     slots = sorted(rng.sample(range(n), subject_frames))
     events, it_subject, it_other = [], iter(subject), iter(others)
     for i in range(n):
         events.append(next(it_subject) if i in slots else next(it_other))
     subject = noun if category == "count" else f"the {noun}"
     question = f"How does the {ASPECT_NAMES[category]} of {subject} change over the video?"
-    wrong = [describe_change(states[::-1]), describe_change(states[:1]), describe_change(states[-1:])]
-    spare = [v for v in values if v not in states]
-    for v in rng.sample(spare, min(len(spare), 3)):
-        wrong.append(describe_change(states[:-1] + [v]))
-    wrong += [describe_change(list(p)) for p in itertools.permutations(states) if list(p) != states]
+    wrong = rng.sample([describe_change(c) for c in candidates if c != states], NUM_OPTIONS - 1)
     return Sample(rng.choice(HEADERS), frame_lines(events), question, describe_change(states), wrong)
 
 
@@ -505,10 +602,10 @@ def build_refer_time(rng, pool, n, to_event):
         question = f"What is happening at {fmt_time(index * step)}?"
         wrong = pick_distractors(rng, [events[i] for i in others], prefer=[events[i] for i in near])
         return Sample(header, timed_lines(events, step), question, events[index], wrong)
+    index, window = window_pick(rng, n)
     question = f"At what time does {quote(events[index])} happen?"
     at = [f"At {fmt_time(i * step)}." for i in range(n)]
-    wrong = pick_distractors(rng, [at[i] for i in others], prefer=[at[i] for i in near])
-    return Sample(header, timed_lines(events, step), question, at[index], wrong)
+    return Sample(header, timed_lines(events, step), question, at[index], [at[i] for i in window if i != index])
 
 
 def build_grounding(rng, pool, n):
@@ -520,10 +617,9 @@ def build_grounding(rng, pool, n):
         start = len(frames)
         frames += [event] * rng.choice([2, 3])
         spans.append(f"From {fmt_time(start * step)} to {fmt_time((len(frames) - 1) * step)}.")
-    index = rng.randrange(n)
+    index, window = window_pick(rng, n)
     question = f"During which time span does {quote(events[index])} happen?"
-    near = [spans[i] for i in (index - 1, index + 1) if 0 <= i < n]
-    wrong = pick_distractors(rng, [s for i, s in enumerate(spans) if i != index], prefer=near)
+    wrong = [spans[i] for i in window if i != index]
     return Sample(rng.choice(HEADERS) + TIMED_HEADER, timed_lines(frames, step), question, spans[index], wrong)
 
 
@@ -548,24 +644,27 @@ def build_order_shuffle(rng, pool, n, level):
             break
     else:
         return None
-    shown = list(range(k))
-    while shown == sorted(shown):
-        rng.shuffle(shown)
+    shown = rng.sample(range(k), k)  # any order, the right one included
     labels = {pos: f"({LETTERS[i].lower()})" for i, pos in enumerate(shown)}
     listing = "\n".join(f"{labels[pos]} {items[pos]}" for pos in shown)
     what = {"sentence": "events", "prefix": "beginnings of event descriptions", "phrase": "phrases from event descriptions"}[level]
-    question = f"These {what} are listed out of order. Put them in the order they happen in the video.\n{listing}"
+    question = f"These {what} are listed in some order. Put them in the order they happen in the video.\n{listing}"
+    orders = [", ".join(labels[p] for p in order) for order in swap_square(rng, k)]
+    return Sample(rng.choice(HEADERS), frame_lines(events), question, orders[0], orders[1:])
+
+
+def swap_square(rng, k):
+    """Four orders of range(k), the true one first: the corners of a square whose sides are two
+    disjoint swaps of neighbouring items. Each order is one such swap from two others (the most
+    confusable wrong orders) and two swaps from the third, the truth included, so no order stands
+    out in the set (a star of single swaps around the truth would point at it)."""
+    a, b = rng.sample([(i, j) for i in range(k - 1) for j in range(i + 2, k - 1)], 1)[0]
+    def swapped(order, at):
+        order = order[:]
+        order[at], order[at + 1] = order[at + 1], order[at]
+        return order
     truth = list(range(k))
-    answer = ", ".join(labels[p] for p in truth)
-    wrong = []
-    for a in range(k - 1):  # one swapped neighbour pair: the most confusable wrong orders
-        p = truth[:]
-        p[a], p[a + 1] = p[a + 1], p[a]
-        wrong.append(", ".join(labels[x] for x in p))
-    rng.shuffle(wrong)
-    wrong.insert(0, ", ".join(labels[p] for p in reversed(truth)))
-    wrong.append(", ".join(labels[p] for p in shown))
-    return Sample(rng.choice(HEADERS), frame_lines(events), question, answer, wrong)
+    return [truth, swapped(truth, a), swapped(truth, b), swapped(swapped(truth, a), b)]
 
 
 def build_seq(rng, pool, n, kind, positions):
@@ -582,9 +681,9 @@ def build_seq(rng, pool, n, kind, positions):
     index = rng.randrange(n)
     near = [i for i in (index - 1, index + 1) if 0 <= i < n]
     if kind == "seq_index_grounding":
+        index, window = window_pick(rng, n)
         question = f"What is the {noun} of the image that shows {quote(events[index])}?"
-        wrong = pick_distractors(rng, [names[i] for i in range(n) if i != index], prefer=[names[i] for i in near])
-        return Sample(header, lines, question, names[index], wrong)
+        return Sample(header, lines, question, names[index], [names[i] for i in window if i != index])
     if kind == "seq_indexed_caption":
         question = f"Describe the image at {noun} {names[index]}."
         wrong = pick_distractors(rng, [events[i] for i in range(n) if i != index], prefer=[events[i] for i in near])
@@ -628,7 +727,9 @@ def make_record(job):
         if sample is not None and len(sample.distractors) >= NUM_OPTIONS - 1:
             break
     else:
-        raise RuntimeError(f"could not build a {task} sample at scale {scale}")
+        raise InputError(f"cannot build '{task}' records at scale {scale}: too few {split} captions that differ in more "
+                         f"than their colour, size, state or count words (a sample needs {n} distinct events); give "
+                         f"more varied captions, smaller --scales, or drop the task")
     video = sample.header + "\n" + "\n".join(sample.frames)
     record = {"id": f"t3-{split}-{index:07d}", "task": task, "scale": scale}
     if not as_choice:
@@ -707,10 +808,14 @@ def main():
         captions = [c for path in args.captions for c in load_caption_file(path)]
         source = args.captions
     else:
-        captions = builtin_captions(args.seed, 20000)
+        captions = [(c, f"built-in:{i}") for i, c in enumerate(builtin_captions(args.seed, 20000))]
         source = "built-in"
-    captions = list(dict.fromkeys(c for c in (clean_caption(c, args.max_caption_words) for c in captions) if c.strip(".")))
-    train_pool, val_pool = split_captions(captions, args.val_fraction)
+    cleaned = {}  # caption -> its first source; junk and repeats dropped
+    for caption, origin in captions:
+        caption = clean_caption(caption, args.max_caption_words)
+        if caption:
+            cleaned.setdefault(caption, origin)
+    train_pool, val_pool = split_captions(list(cleaned.items()), args.val_fraction)
     need = EVENTS_PER_SCALE[1] * max(SCALES[s] for s in args.scales) + 1
     for name, pool, count in (("training", train_pool, args.num_train), ("validation", val_pool, args.num_val)):
         if count and len(pool) < need:
