@@ -305,7 +305,7 @@ def one_error_line(result):
     return lines[-1]
 
 
-CAPTIONS = "".join(json.dumps({"id": i, "caption": f"A {colour} dog number {i} runs on the grass."}) + "\n"
+CAPTIONS = "".join(json.dumps({"id": i, "caption": f"A {colour} dog runs on the grass by gate {i}."}) + "\n"
                    for i, colour in zip(range(300), ["red", "black", "small", "big"] * 75))
 
 
