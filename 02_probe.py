@@ -25,6 +25,7 @@ import argparse
 import inspect
 import itertools
 import json
+import math
 import os
 import re
 import sys
@@ -548,6 +549,14 @@ def chat_inputs(processor, requests, device):
 # ---- shared: choice (identical copies in the stages that ask multiple-choice questions) ----
 LETTERS = "ABCDEFGHIJ"
 YES_NO = ("yes", "no")
+# Words after which "A" (or "I") is still a letter, not the article (or the pronoun): "A or B", "A is right".
+LETTER_FOLLOWERS = {"or", "and", "nor", "is", "was", "seems", "appears", "fits", "matches", "because", "since", "but",
+                    "as", "vs", "versus", "best", "correctly", "then"}
+# "The answer is b", "Option (C)", "I would choose B": a letter given as the answer.
+STATED_ANSWER = (r"(?i:answer|option|choice|choose|pick|select|go with)(?:\s+(?i:is|would be|should be|will be))?"
+                 r"\s*[:=]?\s*[\[(]?([A-Ja-j])(?=[\]).,:;!?]|\s*$|\s)")
+YES_WORDS = {"yes", "yeah", "yep", "yup", "true"}
+NO_WORDS = {"no", "nope", "nah", "false"}
 
 
 def is_yes_no(options):
@@ -562,20 +571,21 @@ def choice_prompt(question, options):
     return "\n".join([question, *lines, "Answer with the option's letter from the given choices directly."])
 
 
-def reply_token_ids(tokenizer, options):
-    """Per option, the first token of each reply that picks it: its letter, or yes/no in either case."""
-    replies = [(w, w.capitalize()) for w in YES_NO] if is_yes_no(options) else [(L,) for L in LETTERS[:len(options)]]
+def reply_token_ids(tokenizer, options, labels=LETTERS):
+    """Per option, the first token of each reply that picks it: its label (a letter), or yes/no in either case."""
+    replies = [(w, w.capitalize()) for w in YES_NO] if is_yes_no(options) else [(L,) for L in labels[:len(options)]]
     return [sorted({tokenizer(r, add_special_tokens=False)["input_ids"][0] for r in variants}) for variants in replies]
 
 
 
 @torch.no_grad()
-def choice_logprobs(model, processor, requests, options, device):
-    """Per request, the log-probability of each option's reply as the first answer token."""
+def choice_logprobs(model, processor, requests, options, device, labels=None):
+    """Per request, the log-probability of each option's reply as the first answer token (`labels`:
+    per request, the options' labels when they are not A, B, C ...)."""
     inputs = chat_inputs(processor, requests, device)
     last = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), -1)
-    return [[round(float(torch.logsumexp(row[ids], 0)), 5) for ids in reply_token_ids(processor.tokenizer, opts)]
-            for row, opts in zip(last, options)]
+    return [[round(float(torch.logsumexp(row[ids], 0)), 5) for ids in reply_token_ids(processor.tokenizer, opts, marks)]
+            for row, opts, marks in zip(last, options, labels or [LETTERS] * len(options))]
 
 
 @torch.no_grad()
@@ -588,27 +598,71 @@ def choice_generate(model, processor, requests, device, max_new_tokens=32):
 
 
 def extract_choice(reply, options):
-    """Index of the option a free-form reply picks, or None. In order: yes/no by prefix; a letter
-    opening the reply ("B", "(B)", "B. ..."); "answer/option is B"; the last "(B)"; the last "B." or
-    "B)"; the one option whose text the reply contains; the last standalone letter (not the article "A")."""
-    text = reply.strip()
+    """Index of the option a free-form reply picks, or None when it picks none or several.
+    Multiple choice: the letters the reply states as its answer ("B", "(c)", "b)", "The answer is b",
+    "Option B"); else the letters it mentions ("... so (B) fits"), never the article "A"; else the one
+    option whose whole text it quotes. Two or more different letters, or options, and no single one
+    stated: None. Yes/no: the reply's first word, or a yes/no after a comma ("Based on the video, yes.")."""
+    text = re.sub(r"[*_`#]+", "", reply).strip(" \t\n'\"“”‘’")
     if is_yes_no(options):
-        word = re.match(r"\W*([a-z]+)", text.lower())
-        return YES_NO.index(word[1]) if word and word[1] in YES_NO else None
-    letter = f"[{LETTERS[:len(options)]}]"
-    at_start = re.match(rf"\W*\(?({letter})\)?(?:[.:,)]|\s*$|\s+(?![a-z])|\s+is\b)", text)
-    if at_start:
-        return LETTERS.index(at_start[1])
-    for pattern in (rf"(?i:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?({letter})\b", rf"\(({letter})\)",
-                    rf"\b({letter})[.)](?=\s|$)"):
-        found = re.findall(pattern, text)
-        if found:
-            return LETTERS.index(found[-1])
-    named = [i for i, option in enumerate(options) if option.strip() and option.strip().lower() in text.lower()]
-    if len(named) == 1:
-        return named[0]
-    standalone = [m[1] for m in re.finditer(rf"\b({letter})\b(?!\s+[a-z])", text)]
-    return LETTERS.index(standalone[-1]) if standalone else None
+        return yes_no_choice(text.lower())
+    valid = LETTERS[:len(options)]
+    for letters in (stated_letters(text), mentioned_letters(text)):
+        if letters:
+            if len(letters) > 1 or not letters <= set(valid):
+                return None
+            chosen = valid.index(letters.pop())
+            quoted = re.match(rf"\W*{valid[chosen]}[.):]\s*(.+?)[.!]?\s*(?:\n|$)", text)  # "B. <text of option A>"
+            others = [o.strip().lower() for i, o in enumerate(options) if i != chosen]
+            return None if quoted and quoted[1].strip().lower() in others else chosen
+    named = [i for i, o in enumerate(options) if o.strip() and re.search(
+        rf"(?<!\w){re.escape(o.strip().rstrip('.'))}(?!\w)", text, re.I)]
+    named = [i for i in named if not any(j != i and options[i].strip().lower() in options[j].lower() for j in named)]
+    return named[0] if len(named) == 1 else None
+
+
+def is_letter_at(text, end):
+    """Whether the single capital letter just before `end` names an option: "A" and "I" followed by
+    another word are the article and the pronoun, unless the word joins options ("A or B")."""
+    letter, word = text[end - 1], re.match(r"[ \t]+([A-Za-z]+)", text[end:])
+    return not (letter in "AIai" and word and word[1].lower() not in LETTER_FOLLOWERS)
+
+
+def stated_letters(text):
+    """Upper-case letters of the options a reply states as its answer."""
+    found = set()
+    opening = re.match(r"[\[(]?([A-J])(?:[\]).:,;\-]|\s*$|\s*\n|(?=[ \t]))", text)
+    if opening and is_letter_at(text, opening.end(1)) and not re.match(r"\W*(?:and|or|nor|vs)\b|\s*/", text[opening.end():]):
+        found.add(opening[1])
+    lower = re.fullmatch(r"[\[(]?([a-j])(?:[\]).:,]\s*.*|)", text, re.S)  # "b", "(c)", "c) the dog runs"
+    if lower and (lower[1] != "a" or len(text) <= 3 or text[1] in ").:,]"):
+        found.add(lower[1].upper())
+    for m in re.finditer(STATED_ANSWER, text):
+        if is_letter_at(text, m.end(1)):
+            found.add(m[1].upper())
+    return found
+
+
+def mentioned_letters(text):
+    """Upper-case letters a reply mentions as options: "(B)", "[c]", "B." or a standalone "B"."""
+    found = {m[1].upper() for m in re.finditer(r"[\[(]([A-Ja-j])[\])]", text)}
+    for m in re.finditer(r"(?<![\w'’-])([A-J])(?![\w'’-])", text):
+        if is_letter_at(text, m.end(1)):
+            found.add(m[1])
+    return found
+
+
+def yes_no_choice(text):
+    """0 (yes), 1 (no) or None, from a lower-cased reply."""
+    if re.search(r"\b(?:yes|no)\b\W*(?:and|or)\W*\b(?:yes|no)\b", text):
+        return None
+    first = re.match(r"\W*([a-z]+)(?:\W+([a-z]+))?", text)
+    if first and first[1] in YES_WORDS:
+        return 0
+    if first and (first[1] in NO_WORDS or first[1] == "not" and first[2] in ("really", "at", "quite", "exactly")):
+        return 1
+    stated = {m[1] in NO_WORDS for m in re.finditer(r"(?:answer is|answer:|[,.;:!?]\s*)\W*(yes|no)\b", text)}
+    return int(stated.pop()) if len(stated) == 1 else None
 # ---- end shared: choice ----
 
 
@@ -964,19 +1018,55 @@ def answer_accuracy(records, answers, aspect, key):
     return round(float(np.mean(hits)), 4) if hits else None
 
 
+# ---- shared: stats (identical copies in the stages that report accuracies) ----
+def wilson_interval(correct, total, z=1.96):
+    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
+    if total == 0:
+        return [0.0, 1.0]
+    p, spread = correct / total, z * z / total
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / total + spread / (4 * total)) / (1 + spread)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+# ---- end shared: stats ----
+
+
 # ---------------------------------------------------------------- report
 
+def mean_lift(rows, key):
+    """Accuracy above chance averaged over the aspects, with a normal 95% interval from each
+    aspect's binomial variance on its test videos."""
+    usable = [row for row in rows.values() if row.get(key) is not None]
+    lift = float(np.mean([row[key] - row["chance"] for row in usable]))
+    variance = sum(row[key] * (1 - row[key]) / row["test_videos"] for row in usable) / len(usable) ** 2
+    half = 1.96 * variance ** 0.5
+    return {"lift": round(lift, 4), "interval": [round(lift - half, 4), round(lift + half, 4)]}
+
+
 def verdict(rows):
-    """One sentence: where the mean accuracies (above chance) put the bottleneck."""
-    lift = lambda key: float(np.mean([row[key] - row["chance"] for row in rows.values()]))
-    probe = max(lift("probe_linear"), lift("probe_temporal"))
-    text, video = lift("text_llm"), lift("video_llm")
-    if probe < 0.1:
-        return "The visual encodings carry little temporal signal: the vision encoder is the bottleneck."
-    if probe - max(text, video) >= 0.1:
+    """One sentence on where the bottleneck is, said only when the 95% intervals of the mean lift
+    above chance of the better probe and of the better language-model column do not overlap."""
+    probe = max((mean_lift(rows, k) for k in ("probe_linear", "probe_temporal")), key=lambda x: x["lift"])
+    llm = max((mean_lift(rows, k) for k in ("text_llm", "video_llm")), key=lambda x: x["lift"])
+    say = lambda x: f"{100 * x['lift']:+.1f} [{100 * x['interval'][0]:+.1f}, {100 * x['interval'][1]:+.1f}]"
+    lifts = f"(points above chance, mean over aspects: probes {say(probe)}, language model {say(llm)})"
+    if probe["interval"][1] < 0.1:
+        return f"The visual encodings carry little temporal signal: the vision encoder is the bottleneck {lifts}."
+    if probe["interval"][0] > llm["interval"][1]:
         return ("The visual encodings carry the temporal signal, but the language model does not use it, even from text: "
-                "the language model is the bottleneck.")
-    return "The language model does about as well as the probes: no clear language-model bottleneck."
+                f"the language model is the bottleneck {lifts}.")
+    if llm["interval"][0] > probe["interval"][1]:
+        return f"The language model does better than the probes: no language-model bottleneck {lifts}."
+    return (f"Not enough test videos to tell: the intervals overlap {lifts}; "
+            "more --num-videos narrows them.")
+
+
+def accuracy_text(row, key):
+    """"62.5 [40.9, 79.9]" (95% Wilson interval), with "± std" over seeds for the probes."""
+    if row.get(key) is None:
+        return "-"
+    low, high = row[f"{key}_interval"]
+    spread = f" ± {100 * row[key + '_std']:.1f}" if key + "_std" in row else ""
+    return f"{100 * row[key]:.1f}{spread} [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def report(records, features, answers, args, meta):
@@ -991,22 +1081,25 @@ def report(records, features, answers, args, meta):
             if args.generate:
                 row[f"{key}_llm_generate"] = answer_accuracy(records, answers, aspect, f"{key}_reply")
         row["test_videos"] = sum(r["aspect"] == aspect and r["split"] == "test" for r in records)
+        for key in [k for k in row if k.endswith(("_llm", "_generate")) or k in ("probe_linear", "probe_temporal")]:
+            if row[key] is not None:  # probes: the interval of their mean accuracy over seeds, as one run's
+                row[f"{key}_interval"] = wilson_interval(round(row[key] * row["test_videos"]), row["test_videos"])
         rows[aspect] = row
     summary = verdict(rows)
     with atomic_write(os.path.join(args.out, "report.json")) as f:
         json.dump({"meta": meta, "verdict": summary, "aspects": rows, "probe_runs": probes}, f, indent=1)
     columns = ["chance", "probe_linear", "probe_temporal", "text_llm", "video_llm"]
     columns += ["text_llm_generate", "video_llm_generate"] if args.generate else []
-    pct = lambda v: "-" if v is None else f"{100 * v:.1f}"
     lines = ["| aspect (test videos) | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for aspect, row in rows.items():
-        cells = [pct(row[c]) + (f" ± {100 * row[c + '_std']:.1f}" if c + "_std" in row else "") for c in columns]
+        cells = [f"{100 * row[c]:.1f}" if c == "chance" else accuracy_text(row, c) for c in columns]
         lines.append(f"| {aspect} ({row['test_videos']}) | " + " | ".join(cells) + " |")
     table = "\n".join(lines)
     with atomic_write(os.path.join(args.out, "report.md")) as f:
         f.write(f"# Temporal bottleneck: {meta.get('model')}\n\nAccuracy in % on the test videos (probes: mean ± std over "
-                f"{args.seeds} seeds). Probes read the model's pooled visual encodings; the text LLM reads a frame-by-frame "
-                f"description; the video LLM sees {args.num_frames} frames.\n\n{table}\n\n{summary}\n")
+                f"{args.seeds} seeds), in brackets its 95% interval (Wilson) over the test videos. Probes read the "
+                "model's pooled visual encodings; the text LLM reads a frame-by-frame description; the video LLM sees "
+                f"{args.num_frames} frames.\n\n{table}\n\n{summary}\n")
     print(table)
     print(summary)
 

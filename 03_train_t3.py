@@ -593,8 +593,9 @@ def option_logprobs(model, processor, prompt, options, device):
 
 @torch.no_grad()
 def evaluate(model, processor, records, device):
-    """Accuracy overall and per task: the option whose text is most likely after the question,
-    and the option letter most likely after the full multiple-choice prompt."""
+    """Accuracy overall and per task, two ways: `letter`, the option letter most likely as the reply's
+    first token after the record's multiple-choice prompt (stage 01 writes the prompt stage 06 builds,
+    so this is 06's t3_val number); `text`, the option whose text is most likely after the question."""
     model.eval()
     letter_ids = [processor.tokenizer(L, add_special_tokens=False)["input_ids"][0] for L in "ABCDEFGH"]
     hits = {}
@@ -611,7 +612,31 @@ def evaluate(model, processor, records, device):
                 entry[0] += choice == answer
                 entry[1] += 1
     model.train()
-    return {key: {group: round(h / n, 4) for group, (h, n) in groups.items()} for key, groups in hits.items()}
+    accuracy = {key: {group: round(h / n, 4) for group, (h, n) in groups.items()} for key, groups in hits.items()}
+    return {**accuracy, "items": len(records)}
+
+
+def validation_line(step, accuracy):
+    """The printed validation result, naming each scoring, with 95% intervals (Wilson)."""
+    n = accuracy["items"]
+    def text(key):
+        low, high = wilson_interval(round(accuracy[key]["all"] * n), n)
+        return f"{accuracy[key]['all']:.3f} [{low:.3f}, {high:.3f}]"
+    return (f"step {step} validation on {n} records: letter {text('letter')} (the option letter's log-likelihood after "
+            f"the multiple-choice prompt, as stage 06 scores t3_val); option text {text('text')} (each option's text, "
+            "mean log-likelihood per token after the question)")
+
+
+# ---- shared: stats (identical copies in the stages that report accuracies) ----
+def wilson_interval(correct, total, z=1.96):
+    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
+    if total == 0:
+        return [0.0, 1.0]
+    p, spread = correct / total, z * z / total
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / total + spread / (4 * total)) / (1 + spread)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+# ---- end shared: stats ----
 
 
 # ---------------------------------------------------------------- model and training
@@ -850,7 +875,7 @@ def train(args):
     if val and main_process and step == 0:
         accuracy = evaluate(model, processor, val, device)
         record({"event": "eval", "step": 0, **accuracy})
-        print(f"step 0 validation accuracy: text {accuracy['text']['all']:.3f}, letter {accuracy['letter']['all']:.3f}")
+        print(validation_line(0, accuracy))
 
     model.train()
     micro_per_step = args.grad_accum * world
@@ -896,7 +921,7 @@ def train(args):
         if val:
             accuracy = evaluate(model, processor, val, device)
             record({"event": "eval", "step": step, **accuracy})
-            print(f"step {step} validation accuracy: text {accuracy['text']['all']:.3f}, letter {accuracy['letter']['all']:.3f}")
+            print(validation_line(step, accuracy))
         print(f"adapter written to {args.out}")
     if log:
         log.close()

@@ -1,26 +1,30 @@
 """Stage 06: temporal multiple-choice benchmarks for a base model and its adapters, side by side.
 
 Reads the project's benchmark JSONL (as stage 02 writes), stage 01's T3 validation JSONL
-(text only) and the published layouts of TempCompass, Video-MME, MLVU and LongVideoBench.
-Each video is decoded once per run, and the same frames go to the base model and to every
-adapter. Scoring is `loglik` (the log-probability of each option's letter, or of yes/no, as
-the first reply token: deterministic, the default) or `generate` (a greedy reply, then the
-letter is extracted from it). The raw scores or reply and the parsed answer of every item
-are kept.
+(text only) and the published files of TempCompass, Video-MME, MLVU and LongVideoBench as
+they ship (JSON, JSONL, Parquet), and asks each benchmark with the prompt lmms-eval builds
+for it. Each video is decoded once per run, and the same frames go to the base model and to
+every adapter. Scoring is `loglik` (the log-probability of each option's label, or of
+yes/no, as the first reply token: deterministic, the default) or `generate` (a greedy
+reply, from which the choice is read; replies naming no single option are counted as
+unparsed). The raw scores or reply and the parsed answer of every item are kept.
 
 Usage:
     python 06_eval.py --model M [--adapter t3=runs/03 --adapter tpo=runs/05]
-        --bench runs/02/probe_bench.jsonl [--bench videomme=videomme.json --video-root DIR ...]
-        [--num-frames 16] [--mode loglik|generate] --out runs/06 [--limit N] [--shard i/n]
+        --bench runs/02/probe_bench.jsonl [--bench videomme=videomme.parquet --video-root DIR ...]
+        [--num-frames 16] [--mode loglik|generate] [--prompt official|project] --out runs/06
+        [--limit N] [--shard i/n]
     merge shards:  python 06_eval.py --merge runs/06-shard-* --out runs/06
 
 Writes OUT/predictions.jsonl (appended as items are scored; --resume skips scored ones),
-OUT/results.json (per model, benchmark and task type / dimension / duration) and
-OUT/results.md (models as rows, benchmarks and temporal aspects as columns, with the
-difference from the base model).
+OUT/results.json (per model, benchmark and group: accuracy with its 95% interval, and the
+paired difference from the base model with its interval and McNemar p-value) and
+OUT/results.md (the same as tables, with the prompt of each benchmark's first item).
 """
 import argparse
+import functools
 import json
+import math
 import os
 import re
 import sys
@@ -33,6 +37,21 @@ from tqdm import tqdm
 
 FORMATS = ("auto", "jsonl", "t3", "tempcompass", "videomme", "mlvu", "longvideobench")
 VIDEO_EXTENSIONS = (".mp4", ".mkv", ".webm", ".avi", ".mov")
+# MLVU's headline (its paper, its repository and lmms-eval) is the mean over its tasks; results show it
+# beside the pooled accuracy. Video-MME, LongVideoBench and TempCompass report pooled accuracy.
+TASK_MEAN_FORMATS = ("mlvu",)
+# The text lmms-eval adds around a published benchmark's question (its tasks' default prompts; TempCompass
+# and the MLVU HF copy keep the options inside the question). MLVU's "Best option: (" primes the reply.
+OFFICIAL = {
+    "tempcompass_choice": "\nPlease directly give the best option:",
+    "tempcompass_yes_no": "\nPlease answer yes or no:",
+    "videomme_preamble": "Select the best answer to the following multiple-choice question based on the video and the "
+                         "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.",
+    "videomme_end": "\nAnswer with the option's letter from the given choices directly.",
+    "mlvu_end": "\nOnly give the best option.\nBest option: (",
+    "longvideobench_end": "Answer with the option's letter from the given choices directly.\n",
+}
+OPTION_WORD = r"(?:(?:Option|Sentence|Caption)\s+)"  # TempCompass caption matching: "Option 1:", "Sentence A:"
 
 
 def parse_args(argv=None):
@@ -41,11 +60,14 @@ def parse_args(argv=None):
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="a PEFT adapter to evaluate beside the base model (repeatable)")
     p.add_argument("--bench", action="append", default=[], metavar="[NAME=]FILE",
-                   help="a benchmark file, JSON or JSONL (repeatable); NAME defaults to the file's stem")
+                   help="a benchmark file: JSON, JSONL or Parquet (repeatable); NAME defaults to the file's stem")
     p.add_argument("--format", choices=FORMATS, default="auto", help="layout of every --bench (auto: by each record's fields)")
     p.add_argument("--video-root", help="folder of the published benchmarks' videos (default: beside the file)")
     p.add_argument("--num-frames", type=int, default=16, help="frames per video, uniform over the decodable ones")
     p.add_argument("--mode", choices=("loglik", "generate"), default="loglik")
+    p.add_argument("--prompt", choices=("official", "project"), default="official",
+                   help="official: each published benchmark's prompt as lmms-eval builds it (README lists them); "
+                        "project: the lettered prompt of the project's own files for every benchmark")
     p.add_argument("--max-new-tokens", type=int, default=32, help="reply length in generate mode")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--limit", type=int, help="first N items of each benchmark")
@@ -63,6 +85,10 @@ def parse_args(argv=None):
         assert 0 <= args.shard_index < args.shard_count
     except (ValueError, AssertionError):
         p.error(f"--shard must be i/n with 0 <= i < n, not {args.shard!r}")
+    for flag, value in (("--num-frames", args.num_frames), ("--batch-size", args.batch_size), ("--limit", 1 if args.limit is None else args.limit),
+                        ("--max-new-tokens", args.max_new_tokens)):
+        if value < 1:
+            p.error(f"{flag} must be at least 1, not {value}")
     args.adapters = []
     for spec in args.adapter:
         name, _, folder = spec.partition("=")
@@ -544,6 +570,14 @@ def chat_inputs(processor, requests, device):
 # ---- shared: choice (identical copies in the stages that ask multiple-choice questions) ----
 LETTERS = "ABCDEFGHIJ"
 YES_NO = ("yes", "no")
+# Words after which "A" (or "I") is still a letter, not the article (or the pronoun): "A or B", "A is right".
+LETTER_FOLLOWERS = {"or", "and", "nor", "is", "was", "seems", "appears", "fits", "matches", "because", "since", "but",
+                    "as", "vs", "versus", "best", "correctly", "then"}
+# "The answer is b", "Option (C)", "I would choose B": a letter given as the answer.
+STATED_ANSWER = (r"(?i:answer|option|choice|choose|pick|select|go with)(?:\s+(?i:is|would be|should be|will be))?"
+                 r"\s*[:=]?\s*[\[(]?([A-Ja-j])(?=[\]).,:;!?]|\s*$|\s)")
+YES_WORDS = {"yes", "yeah", "yep", "yup", "true"}
+NO_WORDS = {"no", "nope", "nah", "false"}
 
 
 def is_yes_no(options):
@@ -558,20 +592,21 @@ def choice_prompt(question, options):
     return "\n".join([question, *lines, "Answer with the option's letter from the given choices directly."])
 
 
-def reply_token_ids(tokenizer, options):
-    """Per option, the first token of each reply that picks it: its letter, or yes/no in either case."""
-    replies = [(w, w.capitalize()) for w in YES_NO] if is_yes_no(options) else [(L,) for L in LETTERS[:len(options)]]
+def reply_token_ids(tokenizer, options, labels=LETTERS):
+    """Per option, the first token of each reply that picks it: its label (a letter), or yes/no in either case."""
+    replies = [(w, w.capitalize()) for w in YES_NO] if is_yes_no(options) else [(L,) for L in labels[:len(options)]]
     return [sorted({tokenizer(r, add_special_tokens=False)["input_ids"][0] for r in variants}) for variants in replies]
 
 
 
 @torch.no_grad()
-def choice_logprobs(model, processor, requests, options, device):
-    """Per request, the log-probability of each option's reply as the first answer token."""
+def choice_logprobs(model, processor, requests, options, device, labels=None):
+    """Per request, the log-probability of each option's reply as the first answer token (`labels`:
+    per request, the options' labels when they are not A, B, C ...)."""
     inputs = chat_inputs(processor, requests, device)
     last = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), -1)
-    return [[round(float(torch.logsumexp(row[ids], 0)), 5) for ids in reply_token_ids(processor.tokenizer, opts)]
-            for row, opts in zip(last, options)]
+    return [[round(float(torch.logsumexp(row[ids], 0)), 5) for ids in reply_token_ids(processor.tokenizer, opts, marks)]
+            for row, opts, marks in zip(last, options, labels or [LETTERS] * len(options))]
 
 
 @torch.no_grad()
@@ -584,34 +619,96 @@ def choice_generate(model, processor, requests, device, max_new_tokens=32):
 
 
 def extract_choice(reply, options):
-    """Index of the option a free-form reply picks, or None. In order: yes/no by prefix; a letter
-    opening the reply ("B", "(B)", "B. ..."); "answer/option is B"; the last "(B)"; the last "B." or
-    "B)"; the one option whose text the reply contains; the last standalone letter (not the article "A")."""
-    text = reply.strip()
+    """Index of the option a free-form reply picks, or None when it picks none or several.
+    Multiple choice: the letters the reply states as its answer ("B", "(c)", "b)", "The answer is b",
+    "Option B"); else the letters it mentions ("... so (B) fits"), never the article "A"; else the one
+    option whose whole text it quotes. Two or more different letters, or options, and no single one
+    stated: None. Yes/no: the reply's first word, or a yes/no after a comma ("Based on the video, yes.")."""
+    text = re.sub(r"[*_`#]+", "", reply).strip(" \t\n'\"“”‘’")
     if is_yes_no(options):
-        word = re.match(r"\W*([a-z]+)", text.lower())
-        return YES_NO.index(word[1]) if word and word[1] in YES_NO else None
-    letter = f"[{LETTERS[:len(options)]}]"
-    at_start = re.match(rf"\W*\(?({letter})\)?(?:[.:,)]|\s*$|\s+(?![a-z])|\s+is\b)", text)
-    if at_start:
-        return LETTERS.index(at_start[1])
-    for pattern in (rf"(?i:answer|option|choice)\s*(?:is|:)?\s*:?\s*\(?({letter})\b", rf"\(({letter})\)",
-                    rf"\b({letter})[.)](?=\s|$)"):
-        found = re.findall(pattern, text)
-        if found:
-            return LETTERS.index(found[-1])
-    named = [i for i, option in enumerate(options) if option.strip() and option.strip().lower() in text.lower()]
-    if len(named) == 1:
-        return named[0]
-    standalone = [m[1] for m in re.finditer(rf"\b({letter})\b(?!\s+[a-z])", text)]
-    return LETTERS.index(standalone[-1]) if standalone else None
+        return yes_no_choice(text.lower())
+    valid = LETTERS[:len(options)]
+    for letters in (stated_letters(text), mentioned_letters(text)):
+        if letters:
+            if len(letters) > 1 or not letters <= set(valid):
+                return None
+            chosen = valid.index(letters.pop())
+            quoted = re.match(rf"\W*{valid[chosen]}[.):]\s*(.+?)[.!]?\s*(?:\n|$)", text)  # "B. <text of option A>"
+            others = [o.strip().lower() for i, o in enumerate(options) if i != chosen]
+            return None if quoted and quoted[1].strip().lower() in others else chosen
+    named = [i for i, o in enumerate(options) if o.strip() and re.search(
+        rf"(?<!\w){re.escape(o.strip().rstrip('.'))}(?!\w)", text, re.I)]
+    named = [i for i in named if not any(j != i and options[i].strip().lower() in options[j].lower() for j in named)]
+    return named[0] if len(named) == 1 else None
+
+
+def is_letter_at(text, end):
+    """Whether the single capital letter just before `end` names an option: "A" and "I" followed by
+    another word are the article and the pronoun, unless the word joins options ("A or B")."""
+    letter, word = text[end - 1], re.match(r"[ \t]+([A-Za-z]+)", text[end:])
+    return not (letter in "AIai" and word and word[1].lower() not in LETTER_FOLLOWERS)
+
+
+def stated_letters(text):
+    """Upper-case letters of the options a reply states as its answer."""
+    found = set()
+    opening = re.match(r"[\[(]?([A-J])(?:[\]).:,;\-]|\s*$|\s*\n|(?=[ \t]))", text)
+    if opening and is_letter_at(text, opening.end(1)) and not re.match(r"\W*(?:and|or|nor|vs)\b|\s*/", text[opening.end():]):
+        found.add(opening[1])
+    lower = re.fullmatch(r"[\[(]?([a-j])(?:[\]).:,]\s*.*|)", text, re.S)  # "b", "(c)", "c) the dog runs"
+    if lower and (lower[1] != "a" or len(text) <= 3 or text[1] in ").:,]"):
+        found.add(lower[1].upper())
+    for m in re.finditer(STATED_ANSWER, text):
+        if is_letter_at(text, m.end(1)):
+            found.add(m[1].upper())
+    return found
+
+
+def mentioned_letters(text):
+    """Upper-case letters a reply mentions as options: "(B)", "[c]", "B." or a standalone "B"."""
+    found = {m[1].upper() for m in re.finditer(r"[\[(]([A-Ja-j])[\])]", text)}
+    for m in re.finditer(r"(?<![\w'’-])([A-J])(?![\w'’-])", text):
+        if is_letter_at(text, m.end(1)):
+            found.add(m[1])
+    return found
+
+
+def yes_no_choice(text):
+    """0 (yes), 1 (no) or None, from a lower-cased reply."""
+    if re.search(r"\b(?:yes|no)\b\W*(?:and|or)\W*\b(?:yes|no)\b", text):
+        return None
+    first = re.match(r"\W*([a-z]+)(?:\W+([a-z]+))?", text)
+    if first and first[1] in YES_WORDS:
+        return 0
+    if first and (first[1] in NO_WORDS or first[1] == "not" and first[2] in ("really", "at", "quite", "exactly")):
+        return 1
+    stated = {m[1] in NO_WORDS for m in re.finditer(r"(?:answer is|answer:|[,.;:!?]\s*)\W*(yes|no)\b", text)}
+    return int(stated.pop()) if len(stated) == 1 else None
 # ---- end shared: choice ----
+
+
+# ---- shared: stats (identical copies in the stages that report accuracies) ----
+def wilson_interval(correct, total, z=1.96):
+    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
+    if total == 0:
+        return [0.0, 1.0]
+    p, spread = correct / total, z * z / total
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / total + spread / (4 * total)) / (1 + spread)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+# ---- end shared: stats ----
 
 
 # ---------------------------------------------------------------- benchmarks in
 
 def load_records(path):
-    """[(where, record)] from a JSONL file, a JSON list, or a JSON object of lists/records."""
+    """[(where, record)] from JSONL, a JSON list, a JSON object of lists or records, TempCompass's
+    nested {video_id: {dim: [records]}} files, or Parquet."""
+    check_input_file_or_parquet(path)
+    if path.lower().endswith((".csv", ".tsv")):
+        raise InputError(f"{path}: a CSV file; give the benchmark's JSON, JSONL or Parquet file")
+    if is_parquet(path):
+        return [(f"{path}: row {i}", r) for i, r in enumerate(read_parquet(path), 1)]
     text = read_text(path)
     head = text[:4096].lstrip()
     if path.endswith(".jsonl") or not head.startswith(("[", "{")):
@@ -622,6 +719,11 @@ def load_records(path):
         if head.startswith("{"):  # a JSONL file without the .jsonl name
             return [(f"{path}:{n}", r) for n, r in read_jsonl(path)]
         raise InputError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if isinstance(data, dict) and data and all(isinstance(v, dict) and v and all(isinstance(x, list) for x in v.values())
+                                               for v in data.values()):
+        return [(f"{path}: {video}/{dim}/{i}", {**r, "video_id": video, "dim": dim, "id": f"{video}/{dim}/{i}"})
+                for video, dims in data.items() for dim, records in dims.items() for i, r in enumerate(records)
+                if isinstance(r, dict)]
     if isinstance(data, dict):  # {"id": record} or {"split": [records]}
         values = list(data.values())
         data = [r for v in values for r in v] if all(isinstance(v, list) for v in values) else values
@@ -630,13 +732,48 @@ def load_records(path):
     return [(f"{path}: record {i}", r) for i, r in enumerate(data, 1)]
 
 
+def is_parquet(path):
+    with open(path, "rb") as f:
+        return f.read(4) == b"PAR1"
+
+
+def check_input_file_or_parquet(path):
+    if not (os.path.isfile(path) and is_parquet(path)):
+        check_input_file(path)
+
+
+def read_parquet(path):
+    """The rows of a Parquet file as dicts (Video-MME, LongVideoBench and TempCompass ship Parquet)."""
+    try:
+        import pyarrow.parquet
+    except ImportError:
+        raise InputError(f"{path}: a Parquet file; reading it needs pyarrow (pip install pyarrow)") from None
+    try:
+        return pyarrow.parquet.read_table(path).to_pylist()
+    except Exception as e:  # pyarrow raises several types for damaged files
+        raise InputError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0][:120]})") from None
+
+
 def detect_format(record):
     keys = set(record)
     for fmt, needed in (("t3", {"conversations", "options"}), ("videomme", {"videoID"}), ("longvideobench", {"correct_choice"}),
-                        ("mlvu", {"candidates"}), ("tempcompass", {"video_id", "dim"}), ("jsonl", {"video", "options"})):
+                        ("mlvu", {"candidates"}), ("mlvu", {"video_name", "task_type"}), ("tempcompass", {"video_id", "dim"}),
+                        ("jsonl", {"video", "options"})):
         if needed <= keys:
             return fmt
     return None
+
+
+def field(record, where, key, kind=None):
+    """record[key]; with `kind` str or list, an InputError unless it is a string / a list of strings."""
+    if key not in record:
+        raise InputError(f"{where}: missing {key!r}")
+    value = record[key]
+    if kind is str and not isinstance(value, str):
+        raise InputError(f"{where}: {key!r} must be a string, not {json.dumps(value)[:40]}")
+    if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        raise InputError(f"{where}: {key!r} must be a list of strings, not {json.dumps(value)[:40]}")
+    return value
 
 
 def strip_letters(options):
@@ -648,113 +785,216 @@ def strip_letters(options):
     return [o.strip() for o in options]
 
 
-def answer_index(answer, options, where, by_index=False):
-    """An answer given as a letter ("B", "(B)", "B. text", "Caption B: text") or an option's text, or
-    (`by_index`: layouts that number their options, as LongVideoBench does) a 0-based index -> the option's index."""
+def lettered(options, style="{letter}. {option}"):
+    return [style.format(letter=LETTERS[i], option=o) for i, o in enumerate(options)]
+
+
+def answer_index(answer, options, where, labels, by_index=False):
+    """An answer given as its label ("B", "(B)", "B. text", "Caption B: text", "Option 2: text"), as an
+    option's text, or (`by_index`: LongVideoBench) as a 0-based index -> the option's index."""
     if by_index and isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
         return answer
     if not isinstance(answer, str):
-        raise InputError(f"{where}: answer {answer!r} is not a letter or an option's text")
+        raise UnscorableRecord(f"{where}: answer {answer!r} is not a letter or an option's text")
     text = answer.strip()
-    letter = re.match(r"^\(?(?:Caption\s+)?([A-J])(?:[.):]|$)", text)
-    if letter and LETTERS.index(letter[1]) < len(options):
-        return LETTERS.index(letter[1])
+    label = re.match(rf"^\(?{OPTION_WORD}?([A-J1-9])(?:[.):]|$)", text)
+    if label and label[1] in labels[:len(options)]:
+        return labels.index(label[1])
     lowered = [o.lower() for o in options]
     if text.lower() in lowered:
         return lowered.index(text.lower())
-    raise InputError(f"{where}: answer {answer!r} is not one of its {len(options)} options")
+    raise UnscorableRecord(f"{where}: answer {answer!r} is not one of its {len(options)} options")
 
 
 def split_inline_options(question, where):
-    """TempCompass keeps options in the question: lines "A. text" or "Caption A: text"."""
+    """Options kept in the question, one per line: TempCompass's "A. text", or in caption matching
+    "Caption A: text", "Sentence A: text" or "Option 1: text"; MLVU's "(A) text" -> (question, labels, option texts)."""
     lines = question.strip().split("\n")
-    pattern = re.compile(r"^(?:Caption\s+)?([A-J])[.):]\s*(.+)$")
-    options = [pattern.match(line.strip()) for line in lines]
-    first = next((i for i, m in enumerate(options) if m and m[1] == "A"), None)
-    if first is None or not all(options[first:]):
-        raise InputError(f"{where}: no lettered options in the question")
-    return "\n".join(lines[:first]).strip(), [m[2].strip() for m in options[first:]]
+    pattern = re.compile(rf"^\(?{OPTION_WORD}?([A-J1-9])[.):]\s*(.+)$")
+    matches = [pattern.match(line.strip()) for line in lines]
+    first = next((i for i, m in enumerate(matches) if m and m[1] in "A1"), None)
+    if first is None or not all(matches[first:]):
+        raise InputError(f"{where}: no lettered or numbered options in the question")
+    labels = [m[1] for m in matches[first:]]
+    if labels != list((LETTERS if labels[0] == "A" else "123456789")[:len(labels)]):
+        raise InputError(f"{where}: options are labelled {''.join(labels)}, not in order")
+    return "\n".join(lines[:first]).strip(), labels, [m[2].strip() for m in matches[first:]]
 
 
-def find_video(folder, name):
-    """folder/name, trying the usual extensions when the layout gives a bare video id."""
-    path = os.path.join(folder, name)
-    if os.path.splitext(name)[1].lower() not in VIDEO_EXTENSIONS:
-        path = next((path + e for e in VIDEO_EXTENSIONS if os.path.isfile(path + e)), path + ".mp4")
-    return path
+def t3_item(record, where):
+    turns = field(record, where, "conversations")
+    if not (isinstance(turns, list) and turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str)):
+        raise InputError(f"{where}: 'conversations' must be a list of {{from, value}} turns")
+    human = turns[0]["value"]
+    block = "\n" + "\n".join(field(record, where, "options", list))
+    question = (human[:human.index(block)] if block in human else human).strip()
+    options = strip_letters(record["options"])
+    return {"video": None, "question": question, "options": options, "answer": field(record, where, "answer"),
+            "groups": {"task_type": record.get("task", "t3")}}
 
 
-def to_item(fmt, record, where, bench_dir, video_root):
-    """A benchmark record in any supported layout -> {id, video, question, options, answer, groups}."""
-    root = video_root or bench_dir
+def project_item(record, where):
+    options = strip_letters(field(record, where, "options", list))
+    return {"video": field(record, where, "video", str) or None, "question": field(record, where, "question", str),
+            "options": options, "answer": field(record, where, "answer"), "groups": {"task_type": record.get("task_type", "all")}}
 
-    def get(key, kind=None):
-        """record[key]; with `kind` str or list, an InputError unless it is a string / a list of strings."""
-        if key not in record:
-            raise InputError(f"{where}: missing {key!r}")
-        value = record[key]
-        if kind is str and not isinstance(value, str):
-            raise InputError(f"{where}: {key!r} must be a string, not {json.dumps(value)[:40]}")
-        if kind is list and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise InputError(f"{where}: {key!r} must be a list of strings, not {json.dumps(value)[:40]}")
-        return value
-    if fmt == "t3":
-        turns = get("conversations")
-        if not (isinstance(turns, list) and turns and isinstance(turns[0], dict) and isinstance(turns[0].get("value"), str)):
-            raise InputError(f"{where}: 'conversations' must be a list of {{from, value}} turns")
-        human = turns[0]["value"]
-        options = strip_letters(get("options", list))
-        block = "\n" + "\n".join(record["options"])
-        question = human[:human.index(block)] if block in human else human
-        item = {"video": None, "question": question.strip(), "options": options, "groups": {"task_type": record.get("task", "t3")}}
-    elif fmt == "jsonl":
-        video = get("video") or None
-        item = {"video": os.path.join(bench_dir, get("video", str)) if video else None, "question": get("question", str),
-                "options": strip_letters(get("options", list)), "groups": {"task_type": record.get("task_type", "all")}}
-    elif fmt == "tempcompass":
-        answer = str(get("answer")).strip()
-        if answer.lower() in YES_NO:
-            question, options, task = get("question", str), list(YES_NO), "yes_no"
-        else:
-            question, options = split_inline_options(get("question", str), where)
-            task = "caption_matching" if answer.lower().startswith("caption") else "multi-choice"
-        item = {"video": find_video(root, str(get("video_id"))), "question": question, "options": options,
-                "groups": {"dim": record["dim"], "task": task}}
-    elif fmt == "videomme":
-        item = {"video": find_video(root, str(get("videoID"))), "question": get("question", str),
-                "options": strip_letters(get("options", list)),
-                "groups": {"task_type": record.get("task_type", "all"), "duration": record.get("duration", "all")}}
-    elif fmt == "mlvu":
-        name = record.get("video") or get("video_name", str)
-        candidates = get("candidates")
-        if not (isinstance(name, str) and isinstance(candidates, list) and all(isinstance(c, (str, int, float)) for c in candidates)):
-            raise InputError(f"{where}: needs a 'video' name and a list of 'candidates'")
-        item = {"video": find_video(root, name), "question": get("question", str), "options": [str(c) for c in candidates],
-                "groups": {"task_type": record.get("question_type", record.get("task_type", "all"))}}
-    elif fmt == "longvideobench":
+
+def tempcompass_item(record, where):
+    text, answer = field(record, where, "question", str), str(field(record, where, "answer")).strip()
+    if "mc_question" in record or text.startswith("You will be presented with a video and several pieces"):
+        raise InputError(f"{where}: a TempCompass captioning record: lmms-eval scores those with a GPT judge; "
+                         "give the multi-choice, yes_no or caption_matching file")
+    groups = {"dim": str(field(record, where, "dim")), "task": "yes_no"}
+    if answer.lower() in YES_NO:
+        return {"video": str(field(record, where, "video_id")), "question": text, "options": list(YES_NO),
+                "answer": answer.lower(), "groups": groups, "prompt": text + OFFICIAL["tempcompass_yes_no"]}
+    question, labels, options = split_inline_options(text, where)
+    groups["task"] = "caption_matching" if re.match(OPTION_WORD, answer) else "multi-choice"
+    return {"video": str(field(record, where, "video_id")), "question": question, "options": options, "labels": labels,
+            "answer": answer, "groups": groups,
+            "prompt": text + OFFICIAL["tempcompass_choice"]}
+
+
+def videomme_item(record, where):
+    stored = field(record, where, "options", list)
+    options = strip_letters(stored)
+    lines = stored if options != [o.strip() for o in stored] else lettered(options)
+    question = field(record, where, "question", str)
+    return {"video": str(field(record, where, "videoID")), "question": question, "options": options,
+            "answer": field(record, where, "answer"), "groups": {g: str(record.get(g, "all")) for g in ("duration", "domain", "task_type")},
+            "prompt": "\n".join([OFFICIAL["videomme_preamble"], question, *lines, OFFICIAL["videomme_end"]])}
+
+
+def mlvu_item(record, where):
+    name = record.get("video") or field(record, where, "video_name", str)
+    question = stored = field(record, where, "question", str)
+    if "candidates" in record:
+        candidates = field(record, where, "candidates")
+        if not (isinstance(candidates, list) and all(isinstance(c, (str, int, float)) for c in candidates)):
+            raise InputError(f"{where}: 'candidates' must be a list of option texts")
+        options = [str(c) for c in candidates]
+    else:  # the options are lines "(A) text" of the question, perhaps after "Question: ..." and "Options:"
+        question, _, options = split_inline_options(question, where)
+        question = re.sub(r"^Question:\s*|\s*\nOptions:$", "", question)
+    # The dev set's HF copy already writes "(A) text" lines into the question; the repository's JSON does not.
+    body = stored if re.search(r"^\(A\) ", stored, re.M) else "\n".join(
+        [f"Question: {question}", "Options:", *lettered(options, "({letter}) {option}")])
+    return {"video": str(name), "question": question, "options": options,
+            "answer": field(record, where, "answer"),
+            "groups": {"task_type": str(record.get("question_type", record.get("task_type", "all")))},
+            "prompt": body + OFFICIAL["mlvu_end"]}
+
+
+def longvideobench_item(record, where):
+    if "candidates" in record:  # lvb_val.json
+        options = [str(c) for c in field(record, where, "candidates")]
+    else:  # the Parquet layout: option0..option4, "N/A" where unused
         options = [str(record[f"option{i}"]) for i in range(10) if record.get(f"option{i}") not in (None, "", "N/A")]
-        item = {"video": find_video(root, get("video_path", str)), "question": get("question", str), "options": options,
-                "groups": {"task_type": record.get("question_category", "all"), "duration": str(record.get("duration_group", "all"))}}
-    else:
+    question = field(record, where, "question", str)
+    return {"video": field(record, where, "video_path", str), "question": question, "options": options,
+            "answer": field(record, where, "correct_choice"), "answer_by_index": True,
+            "groups": {"task_type": str(record.get("question_category", "all")),
+                       "duration": str(record.get("duration_group", "all"))},
+            "prompt": "\n".join([question, *lettered(options), OFFICIAL["longvideobench_end"]])}
+
+
+ITEM_READERS = {"t3": t3_item, "jsonl": project_item, "tempcompass": tempcompass_item, "videomme": videomme_item,
+                "mlvu": mlvu_item, "longvideobench": longvideobench_item}
+
+
+class UnscorableRecord(InputError):
+    """A record whose answer is not among its options: an error in the project's own files, a counted
+    and reported skip in a published benchmark (MLVU's needle task ships two)."""
+
+
+def to_item(fmt, record, where, bench_dir, video_root, prompt_style, hint=""):
+    """A benchmark record in any supported layout -> {id, video, question, options, labels, answer,
+    answers, groups, prompt}: `prompt` is lmms-eval's for the published layouts (prompt_style "official")
+    or the project's lettered prompt; `answers` are the options with the answer's text (MLVU repeats some)."""
+    if fmt not in ITEM_READERS:
         raise InputError(f"{where}: not a benchmark record this stage reads (give --format)")
-    if not 2 <= len(item["options"]) <= len(LETTERS):
-        raise InputError(f"{where}: needs 2 to {len(LETTERS)} options, has {len(item['options'])}")
-    if fmt == "longvideobench":
-        item["answer"] = answer_index(get("correct_choice"), item["options"], where, by_index=True)
+    item = ITEM_READERS[fmt](record, where)
+    options = item["options"]
+    if not 2 <= len(options) <= len(LETTERS):
+        raise InputError(f"{where}: needs 2 to {len(LETTERS)} options, has {len(options)}")
+    labels = item.pop("labels", None) or list(LETTERS[:len(options)])
+    answer = answer_index(item["answer"], options, where, labels, item.pop("answer_by_index", False))
+    official = item.pop("prompt", None)
+    if prompt_style == "project" or official is None:
+        item["prompt"], item["labels"] = choice_prompt(item["question"], options), list(LETTERS[:len(options)])
     else:
-        item["answer"] = answer_index(get("answer"), item["options"], where)
-    item["id"] = str(record.get("id", record.get("question_id", record.get("uid", where.rsplit(" ", 1)[-1].rsplit(":", 1)[-1]))))
+        item["prompt"], item["labels"] = official, labels
+    item["answer"] = answer
+    item["answers"] = [i for i, o in enumerate(options) if o.strip().lower() == options[answer].strip().lower()]
+    if item["video"] is not None:
+        try:
+            item["video"] = (os.path.join(bench_dir, item["video"]) if fmt == "jsonl" else
+                             find_video(video_root or bench_dir, item["video"], (hint, *item["groups"].values())))
+        except InputError as e:
+            raise InputError(f"{where}: {e}") from None
+    fallback = where.rsplit(" ", 1)[-1].rsplit(":", 1)[-1]
+    item["id"] = str(record.get("id", record.get("question_id", record.get("uid", fallback))))
     return item
 
 
-def read_bench(spec, fmt, video_root, limit):
-    """(name, items) of one --bench [NAME=]FILE; ids made unique within the benchmark."""
+def find_video(folder, name, hints=()):
+    """The video file `name` (a path, a file name, or a bare id) under `folder` or, as the published
+    archives unpack, in a subfolder of it (videos/, data/, video/1_plotQA/ ...). Several files of that
+    name: the one in a folder named like a hint (the benchmark file's stem, the record's task), else
+    an InputError."""
+    path = os.path.join(folder, name)
+    if os.path.isfile(path):
+        return path
+    base = os.path.basename(name)
+    found = video_index(os.path.abspath(folder)).get(base if os.path.splitext(base)[1] else base + "\0stem", [])
+    if len(found) > 1:
+        hinted = [p for p in found if any(part == h or part.endswith("_" + h) for h in hints if h
+                                          for part in os.path.relpath(os.path.dirname(p), folder).split(os.sep))]
+        if len(hinted) != 1:
+            shown = ", ".join(os.path.relpath(p, folder) for p in found[:3])
+            raise InputError(f"{len(found)} videos named {base} under {folder} ({shown}); "
+                             "give --video-root the folder of this benchmark's videos")
+        found = hinted
+    return found[0] if found else (path if os.path.splitext(base)[1].lower() in VIDEO_EXTENSIONS else path + ".mp4")
+
+
+@functools.lru_cache(maxsize=None)
+def video_index(folder, depth=3):
+    """{file name: [paths], stem + NUL: [paths]} of the video files up to `depth` folders below
+    `folder` (symbolic links followed: datasets are often linked in)."""
+    index = {}
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        relative = os.path.relpath(root, folder)
+        if relative != "." and relative.count(os.sep) + 1 >= depth:
+            dirs[:] = []
+        dirs.sort()
+        for name in sorted(files):
+            if os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS:
+                path = os.path.join(root, name)
+                index.setdefault(name, []).append(path)
+                index.setdefault(os.path.splitext(name)[0] + "\0stem", []).append(path)
+    return index
+
+
+def read_bench(spec, fmt, video_root, limit, prompt_style="official"):
+    """(name, layout, items, unscorable) of one --bench [NAME=]FILE; the layout is the first record's
+    (or `fmt`), and ids are made unique within the benchmark. A published benchmark's record whose answer is not among its options is warned about
+    and counted; in the project's own files it is an error."""
     name, _, path = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
     name = name or os.path.splitext(os.path.basename(path))[0]
-    items, seen = [], {}
-    for where, record in load_records(path):
-        record_format = detect_format(record) if fmt == "auto" else fmt
-        item = to_item(record_format, record, where, os.path.dirname(os.path.abspath(path)), video_root)
+    items, seen, unscorable = [], {}, 0
+    records = load_records(path)
+    record_format = fmt if fmt != "auto" else detect_format(records[0][1]) if records else None
+    for where, record in records:
+        try:
+            item = to_item(record_format, record, where, os.path.dirname(os.path.abspath(path)), video_root, prompt_style,
+                           os.path.splitext(os.path.basename(path))[0])
+        except UnscorableRecord as e:
+            if record_format in ("jsonl", "t3"):
+                raise
+            tqdm.write(f"warning: skipping {e}", file=sys.stderr)
+            unscorable += 1
+            continue
         seen[item["id"]] = seen.get(item["id"], 0) + 1
         if seen[item["id"]] > 1:
             item["id"] += f"#{seen[item['id']]}"
@@ -764,20 +1004,27 @@ def read_bench(spec, fmt, video_root, limit):
             break
     if not items:
         raise InputError(f"{path}: no records")
-    return name, items
+    return name, record_format, items, unscorable
 
 
-def check_videos(items, skip_missing):
-    """Items whose video exists; a missing one is an error, or counted with --skip-missing."""
+def check_videos(items, skip_missing, video_root):
+    """Items whose video exists; a missing one is an error, or counted with --skip-missing. If no
+    video is found at all, the folder is wrong, not the videos: an error either way."""
     kept, missing = [], []
     for bench, item in items:
-        if item["video"] is not None and not os.path.isfile(item["video"]):
-            if not skip_missing:
-                raise InputError(f"{item['where']}: video {item['video']} not found (or pass --skip-missing)")
-            tqdm.write(f"warning: skipping {item['where']}: video {item['video']} not found", file=sys.stderr)
-            missing.append((bench, item))
-        else:
-            kept.append((bench, item))
+        (missing if item["video"] is not None and not os.path.isfile(item["video"]) else kept).append((bench, item))
+    if not missing:
+        return kept, missing
+    videos = [item for _, item in items if item["video"] is not None]
+    where = f"under {video_root}" if video_root else "beside the benchmark files (or give --video-root)"
+    if len(missing) == len(videos):
+        raise InputError(f"no video of the {len(videos)} named was found {where}; first: {missing[0][1]['video']}")
+    if not skip_missing:
+        first = missing[0][1]
+        raise InputError(f"{first['where']}: video {first['video']} not found ({len(missing)} of {len(videos)} "
+                         "videos are missing; pass --skip-missing to score without them)")
+    for _, item in missing:
+        tqdm.write(f"warning: skipping {item['where']}: video {item['video']} not found", file=sys.stderr)
     return kept, missing
 
 
@@ -842,110 +1089,250 @@ def decode(batch, num_frames, skip_missing, processor):
 
 def score_batch(model, processor, batch, frames, args, device):
     """[(prediction index or None, raw)] for one model variant: raw is the scores or the reply."""
-    requests = [(f, choice_prompt(item["question"], item["options"])) for f, (_, item) in zip(frames, batch)]
+    requests = [(f, item["prompt"]) for f, (_, item) in zip(frames, batch)]
     if args.mode == "loglik":
-        scores = choice_logprobs(model, processor, requests, [item["options"] for _, item in batch], device)
+        scores = choice_logprobs(model, processor, requests, [item["options"] for _, item in batch], device,
+                                 [item["labels"] for _, item in batch])
         return [(max(range(len(s)), key=s.__getitem__), {"scores": s}) for s in scores]
     replies = choice_generate(model, processor, requests, device, args.max_new_tokens)
-    return [(extract_choice(r, item["options"]), {"reply": r}) for r, (_, item) in zip(replies, batch)]
+    return [(extract_choice(with_letters(r, item["labels"]), item["options"]), {"reply": r})
+            for r, (_, item) in zip(replies, batch)]
+
+
+def with_letters(reply, labels):
+    """A reply with numbered labels ("Option 2", "(2)") read as letters, for options labelled 1, 2, ..."""
+    if labels[0] != "1":
+        return reply
+    return re.sub(r"(?<![\w.,])([1-9])(?![\w,]|\.\d)", lambda m: LETTERS[int(m[1]) - 1] if m[1] in labels else m[0], reply)
 
 
 def prediction_record(variant, bench, item, predicted, raw):
     return {"model": variant, "bench": bench, "id": item["id"], "groups": item["groups"],
             "answer": LETTERS[item["answer"]], "prediction": None if predicted is None else LETTERS[predicted],
-            "correct": predicted == item["answer"], **raw}
+            "correct": predicted in item["answers"], **raw}
 
 
 # ---------------------------------------------------------------- results
 
-def summarize(predictions, skipped):
-    """{model: {bench: {accuracy, correct, total, skipped, by: {group: {value: {...}}}}}}, base first."""
-    tally = lambda: {"correct": 0, "total": 0}
-    results = {}
+def paired_difference(pairs, z=1.96):
+    """Accuracy difference over the same items, from [(mine correct, base correct)]: the difference,
+    its 95% interval (Wald with Agresti-Min's 0.5 added to each cell of the 2x2 table, which keeps its
+    coverage near 95% at small n) and the exact McNemar p-value (a binomial test on the items where
+    the two disagree)."""
+    n = len(pairs)
+    gained = sum(m and not b for m, b in pairs)
+    lost = sum(b and not m for m, b in pairs)
+    g, l, m = gained + 0.5, lost + 0.5, n + 2
+    difference = (g - l) / m
+    half = z * math.sqrt(max(g + l - (g - l) ** 2 / m, 0.0)) / m
+    discordant = gained + lost
+    tail = sum(math.comb(discordant, k) for k in range(min(gained, lost) + 1)) / 2 ** discordant
+    interval = [round(difference - half, 4), round(difference + half, 4)]
+    return {"items": n, "gained": gained, "lost": lost, "difference": round((gained - lost) / n, 4) if n else 0.0,
+            "interval": interval, "p_value": round(min(1.0, 2 * tail), 4), "significant": interval[0] > 0 or interval[1] < 0}
+
+
+def score_cell(predictions, base=None):
+    """{correct, total, accuracy, interval, unparsed} of predictions; with the base model's
+    predictions by id, also `vs_base`: the paired difference over the items both scored."""
+    correct = sum(bool(p["correct"]) for p in predictions)
+    total = len(predictions)
+    unparsed = sum(p["prediction"] is None for p in predictions)
+    cell = {"correct": correct, "total": total, "accuracy": round(correct / total, 4) if total else 0.0,
+            "interval": wilson_interval(correct, total), "unparsed": unparsed}
+    if base is not None:
+        cell["vs_base"] = paired_difference([(bool(p["correct"]), bool(base[p["id"]]["correct"]))
+                                             for p in predictions if p["id"] in base])
+    return cell
+
+
+def group_order(value):
+    """Durations in their natural order: numbers by value, then short < medium < long, then the rest by name."""
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, ("short", "medium", "long").index(value) if value in ("short", "medium", "long") else 3, value)
+
+
+def task_mean(groups):
+    """The mean of per-group accuracies (each group weighted alike) with a normal 95% interval; each
+    group's variance from its Agresti-Coull proportion (2 successes and 2 failures added), so a group
+    at 0% or 100% on few items still counts as uncertain."""
+    cells = list(groups.values())
+    mean = sum(c["accuracy"] for c in cells) / len(cells)
+    adjusted = [((c["correct"] + 2) / (c["total"] + 4), c["total"] + 4) for c in cells]
+    variance = sum(p * (1 - p) / n for p, n in adjusted) / len(cells) ** 2
+    half = 1.96 * math.sqrt(variance)
+    return {"accuracy": round(mean, 4), "interval": [round(max(0.0, mean - half), 4), round(min(1.0, mean + half), 4)],
+            "groups": len(cells)}
+
+
+def summarize(predictions, skipped, formats=None):
+    """{model: {bench: cell + {skipped, by: {group: {value: cell}}}}}, base first; see score_cell.
+    Benchmarks whose official headline averages over tasks (MLVU) also get `task_mean`."""
+    scored = {}
     for p in predictions:
-        entry = results.setdefault(p["model"], {}).setdefault(p["bench"], {**tally(), "by": {}})
-        cells = [entry] + [entry["by"].setdefault(g, {}).setdefault(v, tally()) for g, v in sorted(p["groups"].items())]
-        for cell in cells:
-            cell["correct"] += bool(p["correct"])
-            cell["total"] += 1
-    for benches in results.values():
-        for bench, entry in benches.items():
-            entry["skipped"] = skipped.get(bench, 0)
-            for cell in [entry] + [c for values in entry["by"].values() for c in values.values()]:
-                cell["accuracy"] = round(cell["correct"] / cell["total"], 4)
-    order = sorted(results, key=lambda m: (m != "base", list(results).index(m)))
-    return {m: results[m] for m in order}
+        scored.setdefault(p["model"], {}).setdefault(p["bench"], {})[p["id"]] = p
+    results = {}
+    for model in sorted(scored, key=lambda m: (m != "base", list(scored).index(m))):
+        for bench, by_id in scored[model].items():
+            base = scored.get("base", {}).get(bench) if model != "base" else None
+            items = list(by_id.values())
+            entry = {**score_cell(items, base), "skipped": skipped.get(bench, 0), "by": {}}
+            for group in sorted({g for p in items for g in p["groups"]}):
+                values = sorted({str(p["groups"][group]) for p in items if group in p["groups"]}, key=group_order)
+                entry["by"][group] = {v: score_cell([p for p in items if str(p["groups"].get(group)) == v], base)
+                                      for v in values}
+            if (formats or {}).get(bench) in TASK_MEAN_FORMATS and len(entry["by"].get("task_type", {})) > 1:
+                entry["task_mean"] = task_mean(entry["by"]["task_type"])
+            results.setdefault(model, {})[bench] = entry
+    return results
 
 
-def accuracy_cell(results, model, bench, group=None, value=None):
-    """"52.3 (+1.2)": accuracy in %, and the difference from the base model on the same items' group."""
-    def entry(name):
-        found = results.get(name, {}).get(bench)
-        return found if found is None or group is None else found["by"].get(group, {}).get(value)
-    mine, base = entry(model), entry("base")
-    if mine is None:
+def format_cell(cell):
+    """"52.3 [47.1, 57.4]" and, beside the base model, "+2.7 [-1.0, +6.4] p=0.21" (n.s.: the interval
+    of the paired difference includes 0)."""
+    if cell is None:
         return "-"
-    text = f"{100 * mine['accuracy']:.1f}"
-    return text if model == "base" or base is None else f"{text} ({100 * (mine['accuracy'] - base['accuracy']):+.1f})"
+    low, high = cell["interval"]
+    text = f"{100 * cell['accuracy']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+    if "vs_base" in cell:
+        d = cell["vs_base"]
+        low, high = d["interval"]
+        text += (f"<br>{100 * d['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], p={d['p_value']:.2g}"
+                 + ("" if d["significant"] else " n.s."))
+    return text
 
 
 def results_table(results):
-    """Markdown: models as rows; one table of benchmarks, then one per benchmark of its aspects."""
+    """Markdown: models as rows; one table of benchmarks, then one per benchmark and grouping."""
     benches = list(dict.fromkeys(b for per_model in results.values() for b in per_model))
     first = {b: next(r[b] for r in results.values() if b in r) for b in benches}
 
-    def table(columns, titles):
+    def table(columns, titles, pick):
         lines = ["| model | " + " | ".join(titles) + " |", "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {m} | " + " | ".join(accuracy_cell(results, m, *c) for c in columns) + " |" for m in results]
+        lines += [f"| {m} | " + " | ".join(format_cell(pick(results[m], c)) for c in columns) + " |" for m in results]
         return "\n".join(lines)
 
-    parts = [table([(b,) for b in benches], [f"{b} (n={first[b]['total']})" for b in benches])]
+    parts = [table(benches, [f"{b} (n={first[b]['total']})" for b in benches], lambda r, b: r.get(b))]
+    means = [b for b in benches if "task_mean" in first[b]]
+    if means:
+        parts.append("Mean over task types (each task weighted alike), beside the pooled accuracy above:\n\n" + table(
+            means, [f"{b} ({first[b]['task_mean']['groups']} tasks)" for b in means], lambda r, b: r.get(b, {}).get("task_mean")))
     for bench in benches:
-        by = first[bench]["by"]
-        columns = [(bench, g, v) for g in sorted(by) if len(by[g]) > 1 for v in sorted(by[g])]
-        if columns:
-            parts.append(f"**{bench}** by " + ", ".join(g for g in sorted(by) if len(by[g]) > 1) + "\n\n"
-                         + table(columns, [f"{v} (n={by[g][v]['total']})" for _, g, v in columns]))
+        for group, values in first[bench]["by"].items():
+            if len(values) > 1:
+                columns = [(group, v) for v in values]
+                parts.append(f"**{bench}** by {group}\n\n" + table(
+                    columns, [f"{v} (n={values[v]['total']})" for _, v in columns],
+                    lambda r, c, bench=bench: r.get(bench, {}).get("by", {}).get(c[0], {}).get(c[1])))
     return "\n\n".join(parts)
 
 
+def unparsed_lines(results):
+    """One line per model and benchmark with replies that name no single option (generate mode)."""
+    return [f"{model} on {bench}: {cell['unparsed']} of {cell['total']} replies name no single option "
+            f"({100 * cell['unparsed'] / cell['total']:.1f}%), scored wrong"
+            for model, benches in results.items() for bench, cell in benches.items() if cell["unparsed"]]
+
+
 def write_results(out, predictions, skipped, meta):
-    results = summarize(predictions, skipped)
+    results = summarize(predictions, skipped, meta.get("formats"))
     with atomic_write(os.path.join(out, "results.json")) as f:
         json.dump({"meta": meta, "results": results}, f, indent=1)
-    table = results_table(results)
+    table, unparsed = results_table(results), unparsed_lines(results)
     with atomic_write(os.path.join(out, "results.md")) as f:
-        f.write(f"# Temporal benchmarks\n\nAccuracy in %, and in brackets the difference from the base model.\n"
-                f"Scoring: {meta.get('mode', '?')}; frames per video: {meta.get('num_frames', '?')}.\n\n{table}\n")
-    return table
+        f.write("# Temporal benchmarks\n\n"
+                "Accuracy in % with its 95% interval (Wilson), n items per column. Beside the base model: the "
+                "difference from it on the same items, its 95% interval, and the exact McNemar p-value; "
+                "n.s.: not significant (the interval includes 0).\n"
+                f"Scoring: {meta.get('mode', '?')}; prompts: {meta.get('prompt', '?')}; "
+                f"frames per video: {meta.get('num_frames', '?')}.\n\n{table}\n"
+                + ("\nUnparsed replies:\n\n" + "".join(f"- {line}\n" for line in unparsed) if unparsed else "")
+                + "".join(f"\n{bench}: {n} records skipped, their answer not among their options\n"
+                          for bench, n in meta.get("unscorable", {}).items())
+                + "".join(f"\n{bench}: {n} items skipped (video missing or unreadable)\n"
+                          for bench, n in skipped.items() if n)
+                + (f"\n{len(meta['videos_with_decoder_errors'])} videos have frames that do not decode; the nearest "
+                   "frames that do were shown (listed in results.json)\n" if meta.get("videos_with_decoder_errors") else "")
+                + "".join(f"\nThe prompt of {bench}'s first item (after the video):\n\n```\n{prompt}\n```\n"
+                          for bench, prompt in meta.get("example_prompts", {}).items()))
+    for model, benches in results.items():
+        for bench, cell in benches.items():
+            if cell["unparsed"] == cell["total"]:
+                tqdm.write(f"warning: no reply of {model} on {bench} names a single option: its accuracy only "
+                           "says that (read the replies in predictions.jsonl)", file=sys.stderr)
+    return table + ("\n\n" + "\n".join(unparsed) if unparsed else "")
+
+
+def run_settings(args):
+    """What must match for predictions to be resumed or merged: everything that changes a score."""
+    return {"model": args.model, "adapters": dict(args.adapters), "four_bit": args.four_bit, "mode": args.mode,
+            "prompt": args.prompt, "format": args.format, "num_frames": args.num_frames,
+            "max_new_tokens": args.max_new_tokens if args.mode == "generate" else None,
+            "benches": [os.path.abspath(spec.rpartition("=")[2] if "=" in spec and not os.path.exists(spec) else spec)
+                        for spec in args.bench], "video_root": args.video_root, "limit": args.limit, "shard": args.shard}
+
+
+def check_resume(out, settings):
+    """InputError unless OUT's earlier run used the same settings (predictions of two settings must not mix)."""
+    path = os.path.join(out, "settings.json")
+    if not os.path.isfile(path):
+        return
+    before = json.loads(read_text(path))
+    changed = [key for key in settings if before.get(key) != settings[key]]
+    if changed:
+        shown = "; ".join(f"{k} was {before.get(k)!r}, now {settings[k]!r}" for k in changed)
+        raise InputError(f"{out}: scored with other settings ({shown}); resume with the same ones or use another --out")
 
 
 def merge(args):
-    predictions, skipped, meta = [], {}, {}
+    """Join shard folders: every shard of one run, each finished, with the same settings, each item once."""
+    predictions, skipped, meta, shards, settings = [], {}, {}, [], []
     for folder in args.merge:
-        path = os.path.join(folder, "predictions.jsonl")
-        if not os.path.isfile(path):
-            raise InputError(f"{folder}: no predictions.jsonl")
-        predictions += read_log(path)
-        if os.path.isfile(os.path.join(folder, "results.json")):
-            shard = json.loads(read_text(os.path.join(folder, "results.json")))
-            meta = {k: v for k, v in shard["meta"].items() if k != "shard"}
-            for bench, count in shard["meta"].get("skipped", {}).items():
-                skipped[bench] = skipped.get(bench, 0) + count
+        paths = [os.path.join(folder, n) for n in ("predictions.jsonl", "results.json", "settings.json")]
+        for path in paths:
+            if not os.path.isfile(path):
+                raise InputError(f"{path}: missing; did this shard finish?")
+        shard = json.loads(read_text(paths[1]))["meta"]
+        shards.append(shard.get("shard", "0/1"))
+        settings.append({k: v for k, v in json.loads(read_text(paths[2])).items() if k != "shard"})
+        if settings[-1] != settings[0]:
+            raise InputError(f"{folder}: scored with other settings than {args.merge[0]} (compare their settings.json)")
+        predictions += read_log(paths[0])
+        meta = {k: v for k, v in shard.items() if k not in ("shard", "seconds")}
+        for bench, count in shard.get("skipped", {}).items():
+            skipped[bench] = skipped.get(bench, 0) + count
+    count = int(shards[0].split("/")[1])
+    if sorted(shards) != sorted(f"{i}/{count}" for i in range(count)):
+        raise InputError(f"--merge needs the shards 0/{count} ... {count - 1}/{count} once each; got {', '.join(shards)}")
+    keys = [(p["model"], p["bench"], p["id"]) for p in predictions]
+    if len(set(keys)) != len(keys):
+        raise InputError("the shards score some items twice")
+    make_out_dir(args.out)
     write_jsonl(os.path.join(args.out, "predictions.jsonl"), predictions)
+    with atomic_write(os.path.join(args.out, "settings.json")) as f:
+        json.dump(settings[0], f, indent=1)
     print(write_results(args.out, predictions, skipped, {**meta, "skipped": skipped, "merged": args.merge}))
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.merge:
         return merge(args)
-    benches = [read_bench(spec, args.format, args.video_root, args.limit) for spec in args.bench]
-    if len({name for name, _ in benches}) != len(benches):
-        raise InputError("two --bench files have the same name; give them NAME=FILE")
-    items = [(name, item) for name, bench_items in benches for item in bench_items][args.shard_index::args.shard_count]
-    items, missing = check_videos(items, args.skip_missing)
+    benches = [read_bench(spec, args.format, args.video_root, args.limit, args.prompt) for spec in args.bench]
+    names = [name for name, *_ in benches]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise InputError(f"several --bench files are named {', '.join(twice)}; give each a name: --bench NAME=FILE")
+    items = [(name, item) for name, _, bench_items, _ in benches for item in bench_items][args.shard_index::args.shard_count]
+    items, missing = check_videos(items, args.skip_missing, args.video_root)
     make_out_dir(args.out)
+    settings = run_settings(args)
+    if args.resume:
+        check_resume(args.out, settings)
+    with atomic_write(os.path.join(args.out, "settings.json")) as f:
+        json.dump(settings, f, indent=1)
     path = os.path.join(args.out, "predictions.jsonl")
     predictions = read_log(path) if args.resume else []
     write_jsonl(path, predictions)  # drops a torn last line, or starts afresh without --resume
@@ -974,11 +1361,16 @@ def main():
         bar.update(len(batch) + len(bad))
     bar.close()
     meta = {"model": args.model, "adapters": dict(args.adapters), "benches": [s for s in args.bench], "mode": args.mode,
+            "prompt": args.prompt, "formats": {name: layout for name, layout, _, _ in benches},
+            "example_prompts": {name: bench_items[0]["prompt"] for name, _, bench_items, _ in benches},
+            "unscorable": {name: n for name, _, _, n in benches if n},
             "num_frames": args.num_frames, "shard": args.shard, "skipped": skipped,
             "videos_with_decoder_errors": sorted(decode_warnings), "seconds": round(time.perf_counter() - began, 1)}
     print(write_results(args.out, predictions, skipped, meta))
     print(f"results in {args.out}/results.md and results.json; every answer in {path}"
           + (f"; skipped {sum(skipped.values())} items without a readable video" if skipped else "")
+          + (f"; skipped {sum(meta['unscorable'].values())} records whose answer is not among their options"
+             if meta["unscorable"] else "")
           + (f"; {len(decode_warnings)} videos had frames that do not decode (nearest frames shown instead)"
              if decode_warnings else ""))
 

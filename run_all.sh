@@ -85,8 +85,8 @@ import json, sys
 log = [json.loads(line) for line in open(sys.argv[1])]
 train = [e["loss"] for e in log if e["event"] == "train"]
 evals = [e for e in log if e["event"] == "eval"]
-print(f"   loss {sum(train[:5]) / 5:.3f} -> {sum(train[-5:]) / 5:.3f}; T3 validation accuracy (option text) "
-      f"{evals[0]['text']['all']:.3f} -> {evals[-1]['text']['all']:.3f}")
+print(f"   loss {sum(train[:5]) / 5:.3f} -> {sum(train[-5:]) / 5:.3f}; T3 validation accuracy on {evals[-1]['items']} "
+      f"records, letter log-likelihood (06's t3_val scoring): {evals[0]['letter']['all']:.3f} -> {evals[-1]['letter']['all']:.3f}")
 PY
 
 echo "== 04 TPO preference pairs from $VIDEOS -> $OUT/04"

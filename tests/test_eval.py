@@ -1,4 +1,5 @@
-"""Stage 06: published layouts, letter extraction, log-likelihood scoring, several adapters, shards, resume, bad input."""
+"""Stage 06: letter extraction, log-likelihood scoring, intervals and paired tests, several adapters, shards, resume,
+bad input. The published layouts and their prompts: tests/test_benchmark_layouts.py."""
 import json
 import os
 import subprocess
@@ -23,90 +24,71 @@ def write(path, records, jsonl=False):
     return str(path)
 
 
-def touch_videos(folder, *names):
-    for name in names:
-        (folder / name).write_bytes(b"")
+REPLIES = [json.loads(line) for line in open(os.path.join(REPO, "tests", "replies.jsonl"), encoding="utf-8")]
 
 
-def read_one(path, fmt="auto", video_root=None):
-    return evaluation.read_bench(str(path), fmt, video_root, None)[1]
+@pytest.mark.parametrize("case", REPLIES, ids=[f"{i}:{c['reply'][:30]}" for i, c in enumerate(REPLIES)])
+def test_extraction_reads_replies_as_a_reviewer_would(case):
+    """tests/replies.jsonl: replies as 7B video LLMs write them, with the option a careful reviewer
+    credits (null: none, e.g. two options named and none chosen, or the article "A")."""
+    options, expected = case["options"], case["expected"]
+    index = None if expected is None else (["yes", "no"] if options == ["yes", "no"] else "ABCDEFGHIJ").index(expected)
+    assert evaluation.extract_choice(case["reply"], options) == index, case["why"]
 
 
-def test_tempcompass_layout(tmp_path):
-    touch_videos(tmp_path, "1025.mp4")
-    path = write(tmp_path / "tempcompass.json", [
-        {"video_id": "1025", "question": "Which way does the car move?\nA. left\nB. right\nC. up", "answer": "B. right",
-         "dim": "direction"},
-        {"video_id": "1025", "question": "Is the car moving to the right?", "answer": "yes", "dim": "direction"},
-        {"video_id": "1025", "question": "Which caption matches the video better?\nCaption A: A car drives left.\n"
-                                         "Caption B: A car drives right.", "answer": "Caption B: A car drives right.",
-         "dim": "order"},
-    ])
-    mc, yes_no, caption = read_one(path, video_root=str(tmp_path))
-    assert mc["question"] == "Which way does the car move?" and mc["options"] == ["left", "right", "up"]
-    assert mc["answer"] == 1 and mc["groups"] == {"dim": "direction", "task": "multi-choice"}
-    assert mc["video"] == str(tmp_path / "1025.mp4")
-    assert yes_no["options"] == ["yes", "no"] and yes_no["answer"] == 0 and yes_no["groups"]["task"] == "yes_no"
-    assert caption["options"] == ["A car drives left.", "A car drives right."] and caption["answer"] == 1
-    assert caption["groups"] == {"dim": "order", "task": "caption_matching"}
-    assert len({mc["id"], yes_no["id"], caption["id"]}) == 3
+def test_the_reply_table_is_large_and_varied():
+    yes_no = [c for c in REPLIES if c["options"] == ["yes", "no"]]
+    assert len(REPLIES) >= 60 and len(yes_no) >= 20
+    assert sum(c["expected"] is None for c in REPLIES) >= 20 and {len(c["options"]) for c in REPLIES} >= {2, 3, 4, 5}
 
 
-def test_videomme_mlvu_and_longvideobench_layouts(tmp_path):
-    touch_videos(tmp_path, "fFjv93ACGo8.mp4", "order_3.mp4", "lvb_7.mp4")
-    videomme = write(tmp_path / "videomme.jsonl", [
-        {"video_id": "001", "duration": "short", "videoID": "fFjv93ACGo8", "question_id": "001-1",
-         "task_type": "Temporal Reasoning", "question": "What happens first?",
-         "options": ["A. A cat jumps.", "B. A dog barks.", "C. It rains.", "D. Nothing."], "answer": "C"}], jsonl=True)
-    item, = read_one(videomme, video_root=str(tmp_path))
-    assert item["options"] == ["A cat jumps.", "A dog barks.", "It rains.", "Nothing."] and item["answer"] == 2
-    assert item["id"] == "001-1" and item["groups"] == {"task_type": "Temporal Reasoning", "duration": "short"}
-    assert item["video"] == str(tmp_path / "fFjv93ACGo8.mp4")
-
-    mlvu = write(tmp_path / "mlvu.json", {"order": [
-        {"video": "order_3.mp4", "duration": 412.3, "question": "In what order do the events happen?",
-         "candidates": ["1-2-3", "3-2-1", "2-1-3"], "answer": "3-2-1", "question_type": "order"}]})
-    item, = read_one(mlvu)  # videos default to the file's folder
-    assert item["options"] == ["1-2-3", "3-2-1", "2-1-3"] and item["answer"] == 1
-    assert item["groups"] == {"task_type": "order"} and item["video"] == str(tmp_path / "order_3.mp4")
-
-    lvb = write(tmp_path / "lvb_val.json", [
-        {"video_path": "lvb_7.mp4", "question": "What does the man do after sitting down?", "option0": "reads",
-         "option1": "sleeps", "option2": "eats", "option3": "N/A", "option4": "N/A", "correct_choice": 2,
-         "duration_group": 600, "question_category": "TOS", "id": "lvb-7-q"}])
-    item, = read_one(lvb)
-    assert item["options"] == ["reads", "sleeps", "eats"] and item["answer"] == 2 and item["id"] == "lvb-7-q"
-    assert item["groups"] == {"task_type": "TOS", "duration": "600"}
+def test_wilson_interval_matches_published_values():
+    assert evaluation.wilson_interval(0, 10) == pytest.approx([0.0, 0.2775], abs=1e-4)
+    assert evaluation.wilson_interval(5, 10) == pytest.approx([0.2366, 0.7634], abs=1e-4)
+    assert evaluation.wilson_interval(81, 263) == pytest.approx([0.2553, 0.3662], abs=1e-3)
 
 
-def test_project_and_t3_layouts(tmp_path):
-    (tmp_path / "videos").mkdir()
-    touch_videos(tmp_path / "videos", "a.mp4")
-    bench = write(tmp_path / "probe_bench.jsonl", [
-        {"id": "p1", "video": "videos/a.mp4", "question": "Which object appears first?", "options": ["red", "blue"],
-         "answer": "B", "task_type": "order_of_two", "source": "probe"}], jsonl=True)
-    item, = read_one(bench)
-    assert item["video"] == str(tmp_path / "videos" / "a.mp4") and item["answer"] == 1
-    t3 = write(tmp_path / "t3_val.jsonl", [
-        {"id": "v1", "task": "order", "conversations": [
-            {"from": "human", "value": "Events: a, then b.\nWhich came first?\nA. b\nB. a"}, {"from": "gpt", "value": "B"}],
-         "options": ["A. b", "B. a"], "answer": "B"}], jsonl=True)
-    item, = read_one(t3)
-    assert item["video"] is None and item["question"] == "Events: a, then b.\nWhich came first?"
-    assert item["options"] == ["b", "a"] and item["answer"] == 1 and item["groups"] == {"task_type": "order"}
+def test_paired_difference_counts_only_the_items_that_changed():
+    pairs = [(True, False)] * 10 + [(False, True)] * 2 + [(True, True)] * 30 + [(False, False)] * 58
+    d = evaluation.paired_difference(pairs)
+    assert (d["items"], d["gained"], d["lost"], d["difference"]) == (100, 10, 2, 0.08)
+    assert d["p_value"] == pytest.approx(2 * (1 + 12 + 66) / 4096, abs=1e-4)  # exact McNemar, 12 discordant
+    assert d["interval"][0] > 0 and d["significant"]
+    same = evaluation.paired_difference([(True, True)] * 5 + [(True, False), (False, True)])
+    assert same["difference"] == 0 and same["p_value"] == 1.0 and not same["significant"]
 
 
-@pytest.mark.parametrize("reply, options, expected", [
-    ("B", 4, 1), ("(C)", 4, 2), ("D. The man leaves.", 4, 3), ("A", 2, 0), ("b", 4, None),
-    ("The answer is C.", 4, 2), ("Answer: (B)", 4, 1), ("I think the correct option is D", 4, 3),
-    ("A man walks in, so (B) fits best.", 4, 1), ("A dog runs. Best choice: C) it rains", 4, 2),
-    ("Based on the video, B. it rains", 4, 1), ("A person is walking down the street.", 4, None),
-    ("It rains heavily in the video.", 4, 2), ("E", 4, None), ("", 4, None),
-    ("Yes, the car moves right.", "yn", 0), ("no.", "yn", 1), ("Maybe", "yn", None),
-])
-def test_letter_extraction(reply, options, expected):
-    texts = ["yes", "no"] if options == "yn" else ["a cat jumps", "a dog barks", "it rains", "nothing"][:options]
-    assert evaluation.extract_choice(reply, texts) == expected
+def prediction(model, item, correct, parsed=True, **groups):
+    return {"model": model, "bench": "b", "id": item, "groups": groups or {"task_type": "t"},
+            "answer": "A", "prediction": "A" if parsed else None, "correct": correct}
+
+
+def test_results_show_intervals_and_mark_differences_that_are_not_significant(tmp_path):
+    base = [prediction("base", f"i{i}", i < 20) for i in range(60)]
+    big = [prediction("big", f"i{i}", i < 45) for i in range(60)]  # 25 more right, none lost
+    small = [prediction("small", f"i{i}", i < 22, parsed=i < 50) for i in range(60)]  # 2 more right; 10 unparsed
+    table = evaluation.write_results(str(tmp_path), base + big + small, {}, {"mode": "generate"})
+    results = json.load(open(tmp_path / "results.json"))["results"]
+    assert results["base"]["b"]["interval"] == evaluation.wilson_interval(20, 60)
+    assert results["big"]["b"]["vs_base"]["significant"] and not results["small"]["b"]["vs_base"]["significant"]
+    assert results["small"]["b"]["unparsed"] == 10 and "small on b: 10 of 60 replies name no single option" in table
+    rows = {line.split("|")[1].strip(): line for line in open(tmp_path / "results.md") if line.startswith("| ")}
+    assert "33.3 [22.7, 45.9]" in rows["base"] and "+41.7 [" in rows["big"] and "n.s." not in rows["big"]
+    assert "+3.3 [" in rows["small"] and "n.s." in rows["small"]
+
+
+def test_mlvu_headline_is_also_the_mean_over_tasks(tmp_path):
+    items = [prediction("base", f"i{i}", i % 10 < (9 if i < 10 else 1), task_type="count" if i < 10 else "order")
+             for i in range(40)]
+    evaluation.write_results(str(tmp_path), items, {}, {"formats": {"b": "mlvu"}})
+    cell = json.load(open(tmp_path / "results.json"))["results"]["base"]["b"]
+    assert cell["accuracy"] == pytest.approx((9 + 3) / 40) and cell["task_mean"]["accuracy"] == pytest.approx((0.9 + 0.1) / 2)
+    assert "Mean over task types" in open(tmp_path / "results.md").read()
+
+
+def test_an_all_unparsed_run_says_so(tmp_path, capsys):
+    evaluation.write_results(str(tmp_path), [prediction("base", f"i{i}", False, parsed=False) for i in range(5)], {}, {})
+    assert "no reply of base on b names a single option" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +121,8 @@ def test_loglik_picks_the_option_the_logits_favour(tiny_models, benches):
     hook = model.lm_head.register_forward_hook(lambda module, inputs, logits: logits.index_add(
         -1, torch.tensor(favoured), torch.full(logits.shape[:-1] + (2,), 50.0)))
     args = evaluation.parse_args(["--model", "m", "--bench", "b", "--out", "o", "--num-frames", "4"])
-    _, video_items = evaluation.read_bench(benches["video"], "auto", None, None)
-    _, text_items = evaluation.read_bench(benches["t3"], "auto", None, None)
+    _, _, video_items, _ = evaluation.read_bench(benches["video"], "auto", None, None)
+    _, _, text_items, _ = evaluation.read_bench(benches["t3"], "auto", None, None)
     for items in (video_items, text_items):
         batch = [("bench", item) for item in items]
         _, frames, _ = evaluation.decode(batch, 4, False, processor)
@@ -204,6 +186,10 @@ def test_generate_mode_records_replies(tiny_models, benches, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rows = list(predictions(tmp_path).values())
     assert len(rows) == 4 and all(isinstance(p["reply"], str) and "prediction" in p for p in rows)
+    results = json.load(open(tmp_path / "results.json"))["results"]["base"]
+    unparsed = sum(p["prediction"] is None for p in rows)
+    assert sum(cell["unparsed"] for cell in results.values()) == unparsed
+    assert ("replies name no single option" in open(tmp_path / "results.md").read()) == (unparsed > 0)
 
 
 @pytest.mark.slow
@@ -244,18 +230,27 @@ def test_bad_input_is_one_line(tiny_models, tmp_path, case):
     message = result.stderr.strip().splitlines()[-1]
     expected = {"answer_not_an_option": f"{path}:2: answer 'C' is not one of its 2 options",
                 "no_answer": f"{path}:2: missing 'answer'",
-                "missing_video": f"{path}:2: video {tmp_path / 'nowhere.mp4'} not found (or pass --skip-missing)",
+                "missing_video": f"no video of the 1 named was found beside the benchmark files (or give --video-root); "
+                                 f"first: {tmp_path / 'nowhere.mp4'}",
                 "bad_json": f"{path}:2: not valid JSON"}[case]
     assert message.startswith("error: " + expected), message
 
 
 def test_skip_missing_counts_instead(tiny_models, tmp_path):
+    write_video(tmp_path / "here.mp4", frames_for(12, seed=3))
     path = tmp_path / "bench.jsonl"
-    path.write_text("".join(json.dumps({"id": f"x{i}", "video": "nowhere.mp4" if i else "", "question": "Q?",
-                                        "options": ["a", "b"], "answer": "A"}) + "\n" for i in range(3)))
-    result = subprocess.run([sys.executable, SCRIPT, "--model", tiny_models["qwen2_vl"], "--bench", str(path),
-                             "--out", str(tmp_path / "out"), "--skip-missing"], capture_output=True, text=True)
+    videos = ["", "here.mp4", "nowhere.mp4", "nowhere2.mp4"]
+    path.write_text("".join(json.dumps({"id": f"x{i}", "video": video, "question": "Q?", "options": ["a", "b"],
+                                        "answer": "A"}) + "\n" for i, video in enumerate(videos)))
+    command = [sys.executable, SCRIPT, "--model", tiny_models["qwen2_vl"], "--bench", str(path), "--num-frames", "4",
+               "--out", str(tmp_path / "out")]
+    refused = subprocess.run(command, capture_output=True, text=True)
+    assert refused.stderr.strip().splitlines()[-1] == (
+        f"error: {path}:3: video {tmp_path / 'nowhere.mp4'} not found (2 of 3 videos are missing; "
+        "pass --skip-missing to score without them)")
+    result = subprocess.run(command + ["--skip-missing"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.load(open(tmp_path / "out" / "results.json"))
-    assert results["results"]["base"]["bench"]["total"] == 1 and results["results"]["base"]["bench"]["skipped"] == 2
+    assert results["results"]["base"]["bench"]["total"] == 2 and results["results"]["base"]["bench"]["skipped"] == 2
     assert "skipped 2 items" in result.stdout
+    assert "bench: 2 items skipped (video missing or unreadable)" in open(tmp_path / "out" / "results.md").read()

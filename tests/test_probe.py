@@ -204,3 +204,13 @@ def test_missing_model_is_one_line(tmp_path):
     result = run_probe(str(tmp_path / "nowhere"), tmp_path / "out", "--aspects", "size", "--num-videos", "6")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nowhere'}: no such model folder"
+
+
+def test_the_verdict_waits_for_intervals_that_do_not_overlap():
+    """4 test videos per aspect cannot separate 60% from 30%; 200 can."""
+    def rows(n):
+        return {aspect: {"chance": 0.25, "probe_linear": 0.6, "probe_temporal": 0.55, "text_llm": 0.3, "video_llm": 0.28,
+                         "test_videos": n} for aspect in ("direction", "order")}
+    assert probe.verdict(rows(4)).startswith("Not enough test videos to tell")
+    assert "the language model is the bottleneck (points above chance" in probe.verdict(rows(200))
+    assert probe.mean_lift(rows(200), "probe_linear")["lift"] == pytest.approx(0.35)

@@ -344,7 +344,7 @@ def test_a_byte_order_mark_is_accepted(tmp_path):
     bench = tmp_path / "bench.json"
     bench.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"id": "q", "video": "", "question": "Which?", "options": ["a", "b"],
                                                      "answer": "B"}]).encode())
-    assert evaluation.read_bench(str(bench), "auto", None, None)[1][0]["answer"] == 1
+    assert evaluation.read_bench(str(bench), "auto", None, None)[2][0]["answer"] == 1
 
 
 def test_out_pointing_at_a_file_is_one_line(tmp_path):
@@ -412,12 +412,12 @@ def test_a_label_outside_the_vocabulary_is_an_error_not_a_wild_read(bad_label):
     assert tpo.token_logprobs(logits, fine)[1] == 0 and torch.isfinite(tpo.fused_token_logprobs(hidden, weight, fine)).all()
 
 
-def test_a_parquet_benchmark_is_one_line_in_eval(tiny_models, tmp_path):
-    """Video-MME ships as Parquet: until it is converted, 06 says so in one line."""
+def test_a_damaged_parquet_benchmark_is_one_line_in_eval(tiny_models, tmp_path):
+    """Video-MME ships as Parquet (read with pyarrow); a damaged download is one line, not a traceback."""
     bench = tmp_path / "test-00000-of-00001.parquet"
     bench.write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
     result = run_stage("06_eval.py", "--model", tiny_models["qwen2_vl"], "--bench", f"videomme={bench}", "--out", tmp_path / "out")
-    assert one_error_line(result).startswith(f"error: {bench}: a Parquet file")
+    assert one_error_line(result).startswith(f"error: {bench}: not a readable Parquet file (")
 
 
 def test_probe_uses_what_decodes_of_a_damaged_probe_video(tiny_models, tmp_path):
@@ -453,6 +453,9 @@ def test_malformed_benchmark_records_are_one_line(tmp_path, record, expect):
     evaluation = load_stage("06_eval.py")
     bench = tmp_path / "bench.jsonl"
     good = {"id": "q", "video": "", "question": "Which?", "options": ["a", "b"], "answer": "A"}
+    if "conversations" in record:  # a file's layout is its first record's: here stage 01's T3 layout
+        good = {"id": "q", "conversations": [{"from": "human", "value": "Which?\nA. a\nB. b"}], "options": ["A. a", "B. b"],
+                "answer": "A"}
     bench.write_text(json.dumps(good) + "\n" + json.dumps(dict(good, **record)) + "\n")
     with pytest.raises(evaluation.InputError) as error:
         evaluation.read_bench(str(bench), "auto", None, None)

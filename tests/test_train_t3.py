@@ -226,3 +226,22 @@ def test_bad_input_is_one_line(tiny_models, t3_data, tmp_path, case):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {expect}"), result.stderr[-2000:]
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_validation_letter_accuracy_is_stage_06s_t3_val_number(tiny_models, t3_data, tmp_path):
+    """One meaning for "T3 validation accuracy": 03's letter score on its validation records equals
+    06's accuracy on the same t3_val records with the adapter 03 wrote."""
+    out = tmp_path / "run"
+    result = run_train("--model", tiny_models["qwen2_vl"], "--train", t3_data / "t3_train.jsonl", "--val",
+                       t3_data / "t3_val.jsonl", "--out", out, "--max-steps", "3", "--batch-size", "4", "--grad-accum", "1",
+                       "--lr", "5e-3", "--seed", "3")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "as stage 06 scores t3_val" in result.stdout
+    final = [json.loads(line) for line in open(out / "train_log.jsonl") if '"eval"' in line][-1]
+    evaluated = subprocess.run([sys.executable, os.path.join(REPO, "06_eval.py"), "--model", tiny_models["qwen2_vl"],
+                                "--adapter", f"t3={out}", "--bench", t3_data / "t3_val.jsonl", "--batch-size", "1",
+                                "--out", tmp_path / "eval"], capture_output=True, text=True)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    results = json.load(open(tmp_path / "eval" / "results.json"))["results"]
+    assert results["t3"]["t3_val"]["total"] == final["items"] == 12
+    assert results["t3"]["t3_val"]["accuracy"] == pytest.approx(final["letter"]["all"], abs=1e-4)
