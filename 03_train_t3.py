@@ -26,6 +26,12 @@ from contextlib import contextmanager
 import torch
 from tqdm import tqdm
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the chunked PyTorch path still works
+    triton = None
+
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
@@ -529,7 +535,9 @@ def mixed_records(t3, video, ratio, seed):
 
 def encode_records(records, processor, num_frames, max_length, desc, show=True):
     """Encoded examples, and counts of the records skipped: over max_length, or with a video
-    that does not decode (one warning line per video)."""
+    that does not decode (one warning line per video). A video example keeps its token ids and its
+    record, not its pixels (40-115 MB per 16-frame video at Qwen2-VL's settings): with_video decodes
+    it again when its batch is built, so memory does not grow with the number of mixed videos."""
     examples, skipped, unreadable = [], {"too_long": 0, "unreadable_video": 0}, set()
     for record in tqdm(records, desc=desc, unit="rec", mininterval=2, disable=not show):
         try:
@@ -547,8 +555,20 @@ def encode_records(records, processor, num_frames, max_length, desc, show=True):
         if len(example["input_ids"]) > max_length:
             skipped["too_long"] += 1
             continue
+        if frames is not None:
+            example = {"input_ids": example["input_ids"], "labels": example["labels"], "video_record": record}
         examples.append(example)
     return examples, skipped
+
+
+def with_video(example, processor, num_frames):
+    """The example ready for collate: a video example is encoded again with its frames, decoded now
+    (the same frames as before: decoding is deterministic)."""
+    if "video_record" not in example:
+        return example
+    record = example["video_record"]
+    frames = sample_frames(record["video"], num_frames)
+    return encode(processor, chat_messages(record["conversations"], True), frames)
 
 
 def length_grouped_batches(lengths, batch_size, seed, epoch):
@@ -669,17 +689,16 @@ def append_jsonl(path, records):
 
 # ---- shared: training (identical copies in every training stage) ----
 def prepare_for_lora(model, args):
-    """Freeze everything; k-bit preparation and gradient checkpointing (of the language model: the
-    frozen vision tower keeps no activations for backward, so recomputing it would be waste)."""
-    from peft import prepare_model_for_kbit_training
+    """Freeze everything, cast nothing. Frozen bf16 weights stay bf16 (peft's prepare_model_for_kbit_training
+    makes every weight that is not 4-bit float32: for a 7B video LLM's vision tower, embeddings and head,
+    7 GB instead of 3.5 GB, none of it trained); LoRA's weights are float32, as peft makes them. With
+    gradient checkpointing the embeddings' output requires grad (reentrant checkpointing needs an input
+    that does), and only the language model is checkpointed: the frozen vision tower keeps no
+    activations for backward, so recomputing it would be waste."""
     for param in model.parameters():
         param.requires_grad_(False)
-    checkpointing = {"use_reentrant": True}  # torch's default, named: torch warns when it is not
-    if args.four_bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing)
-    elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     for name, module in model.named_modules():
         if name.startswith(tuple(VISION_MODULES)) and getattr(module, "gradient_checkpointing", False):
@@ -818,6 +837,349 @@ def optimizer_and_schedule(model, args, total_steps):
 # ---- end shared: training ----
 
 
+# ---- shared: logprobs (identical copies in the training stages: per-token log-probs, fused with the LM head) ----
+def _use_triton(logits):
+    return triton is not None and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+    @triton.jit
+    def _logprob_forward_kernel(logits_ptr, labels_ptr, logprob_ptr, lse_ptr, vocab, row_stride, ignore_index,
+                                BLOCK: tl.constexpr):
+        """One row: online logsumexp over vocabulary blocks, target logit picked up in the same pass."""
+        row = tl.program_id(0).to(tl.int64)
+        label = tl.load(labels_ptr + row)
+        row_ptr = logits_ptr + row * row_stride
+        running_max = float("-inf")
+        running_sum = 0.0
+        target = 0.0
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            x = tl.load(row_ptr + cols, mask=cols < vocab, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(running_max, tl.max(x, 0))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(x - new_max), 0)
+            running_max = new_max
+            target += tl.sum(tl.where(cols == label, x, 0.0), 0)
+        lse = running_max + tl.log(running_sum)
+        tl.store(lse_ptr + row, lse)
+        tl.store(logprob_ptr + row, tl.where(label != ignore_index, target - lse, 0.0))
+
+    @triton.jit
+    def _logprob_backward_kernel(logits_ptr, labels_ptr, lse_ptr, grad_out_ptr, grad_logits_ptr, vocab, row_stride,
+                                 grad_row_stride, ignore_index, BLOCK: tl.constexpr):
+        """d log p(label) / d logits = one_hot(label) - softmax, scaled by the row's upstream gradient."""
+        row = tl.program_id(0).to(tl.int64)
+        label = tl.load(labels_ptr + row)
+        lse = tl.load(lse_ptr + row)
+        scale = tl.where(label != ignore_index, tl.load(grad_out_ptr + row).to(tl.float32), 0.0)
+        row_ptr = logits_ptr + row * row_stride
+        grad_ptr = grad_logits_ptr + row * grad_row_stride
+        for start in range(0, vocab, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            inside = cols < vocab
+            x = tl.load(row_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+            grad = scale * (tl.where(cols == label, 1.0, 0.0) - tl.exp(x - lse))
+            tl.store(grad_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=inside)
+
+
+def _block_size(vocab):
+    return min(triton.next_power_of_2(vocab), 4096 if os.environ.get("TRITON_INTERPRET") != "1" else 1 << 15)
+
+
+def _chunk_rows(vocab):
+    """Rows per chunk of the PyTorch paths: about 64 MiB of float32 logits at a time."""
+    return max(1, (64 << 20) // (4 * vocab))
+
+
+def _logprob_forward(logits, labels, ignore_index):
+    rows, vocab = logits.shape
+    logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return logprobs, lse
+    if _use_triton(logits):
+        _logprob_forward_kernel[(rows,)](logits, labels, logprobs, lse, vocab, logits.stride(0), ignore_index,
+                                         BLOCK=_block_size(vocab))
+        return logprobs, lse
+    step = _chunk_rows(vocab)
+    for start in range(0, rows, step):  # PyTorch: float32 copies of one chunk at a time
+        end = min(rows, start + step)
+        chunk, chunk_labels = logits[start:end].float(), labels[start:end]
+        lse[start:end] = torch.logsumexp(chunk, -1)
+        target = chunk.gather(1, chunk_labels.clamp(min=0).unsqueeze(1)).squeeze(1)
+        logprobs[start:end] = torch.where(chunk_labels != ignore_index, target - lse[start:end], 0.0)
+    return logprobs, lse
+
+
+def _logprob_backward(logits, labels, lse, grad_out, ignore_index):
+    rows, vocab = logits.shape
+    grad_logits = torch.empty_like(logits)
+    if rows == 0:
+        return grad_logits
+    if _use_triton(logits):
+        _logprob_backward_kernel[(rows,)](logits, labels, lse, grad_out.contiguous(), grad_logits, vocab, logits.stride(0),
+                                          grad_logits.stride(0), ignore_index, BLOCK=_block_size(vocab))
+        return grad_logits
+    step = _chunk_rows(vocab)
+    for start in range(0, rows, step):
+        end = min(rows, start + step)
+        scale = torch.where(labels[start:end] != ignore_index, grad_out[start:end].float(), 0.0)
+        grad = logits[start:end].float().sub_(lse[start:end, None]).exp_().mul_(-scale[:, None])  # -g * softmax
+        grad.scatter_add_(1, labels[start:end].clamp(min=0).unsqueeze(1), scale.unsqueeze(1))    # + g * one_hot
+        grad_logits[start:end] = grad
+    return grad_logits
+
+
+class TokenLogprobs(torch.autograd.Function):
+    """log p(label) per row of a [rows, vocab] logits matrix, with its exact gradient."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index):
+        logprobs, lse = _logprob_forward(logits, labels, ignore_index)
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.ignore_index = ignore_index
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, labels, lse = ctx.saved_tensors
+        return _logprob_backward(logits, labels, lse, grad_out, ctx.ignore_index), None, None
+
+
+def token_logprobs(logits, labels, ignore_index=-100):
+    """float32 log p(labels) of shape labels.shape; exactly 0 where labels == ignore_index.
+    Triton kernel on CUDA (or under TRITON_INTERPRET=1), chunked PyTorch otherwise."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    if flat_logits.stride(-1) != 1:
+        flat_logits = flat_logits.contiguous()
+    flat_labels = labels.reshape(-1).to(device=logits.device, dtype=torch.int64).contiguous()
+    check_labels(flat_labels, flat_logits.shape[-1], ignore_index)
+    return TokenLogprobs.apply(flat_logits, flat_labels, ignore_index).reshape(labels.shape)
+
+
+def check_labels(labels, vocab, ignore_index):
+    """The kernels index the logits (or the head's weight) by label: one outside [0, vocab) would read
+    other memory, so it is an error (one reduction per call)."""
+    outside = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(outside.any()):
+        raise ValueError(f"label {int(labels[outside][0])} is outside the vocabulary [0, {vocab}) "
+                         f"and is not the ignore index {ignore_index}")
+
+
+# ---------------------------------------------------------------- log-probs straight from hidden states
+# fused_token_logprobs(hidden, weight, labels) = token_logprobs(hidden @ weight.T, labels), without
+# ever holding the [tokens, vocabulary] logits: each program multiplies a block of tokens by a
+# block of the vocabulary, folds it into a running logsumexp and drops it; the backward pass
+# recomputes the blocks. Under QLoRA the LM head is frozen, so its gradient is skipped.
+
+if triton is not None:
+    @triton.jit
+    def _logit_block(h_ptr, w_ptr, rows, cols, n_rows, vocab, width, h_stride, w_stride,
+                     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                     UPCAST: tl.constexpr):
+        """logits[rows, cols] = hidden[rows] @ weight[cols].T, accumulated in float32."""
+        acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+        for start in range(0, width, BLOCK_H):
+            k = start + tl.arange(0, BLOCK_H)
+            h = tl.load(h_ptr + rows[:, None] * h_stride + k[None, :], mask=(rows[:, None] < n_rows) & (k[None, :] < width), other=0.0)
+            w = tl.load(w_ptr + cols[None, :] * w_stride + k[:, None], mask=(cols[None, :] < vocab) & (k[:, None] < width), other=0.0)
+            if UPCAST:  # the interpreter multiplies bfloat16 wrongly
+                h, w = h.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(h, w, acc, input_precision=PRECISION)
+        return acc
+
+    @triton.jit
+    def _fused_forward_kernel(h_ptr, w_ptr, labels_ptr, target_ptr, lse_ptr, n_rows, vocab, width, h_stride, w_stride,
+                              split_size, ignore_index, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr,
+                              BLOCK_H: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """A block of tokens x one split of the vocabulary: online logsumexp over the split's blocks
+        (the splits' results are combined afterwards); the first split also writes the target logit,
+        an indexed dot of each hidden state with its label's weight row."""
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        split = tl.program_id(1)
+        inside = rows < n_rows
+        labels = tl.load(labels_ptr + rows, mask=inside, other=ignore_index)
+        running_max = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        running_sum = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(split * split_size, tl.minimum(vocab, (split + 1) * split_size), BLOCK_V):
+            cols = (start + tl.arange(0, BLOCK_V)).to(tl.int64)
+            logits = _logit_block(h_ptr, w_ptr, rows, cols, n_rows, vocab, width, h_stride, w_stride,
+                                  BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+            logits = tl.where(cols[None, :] < vocab, logits, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(logits, 1))
+            running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), 1)
+            running_max = new_max
+        tl.store(lse_ptr + split * n_rows + rows, running_max + tl.log(running_sum), mask=inside)
+        if split == 0:
+            target_rows = tl.where(labels == ignore_index, 0, labels).to(tl.int64)
+            target = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for start in range(0, width, BLOCK_H):
+                k = start + tl.arange(0, BLOCK_H)
+                both = inside[:, None] & (k[None, :] < width)
+                h = tl.load(h_ptr + rows[:, None] * h_stride + k[None, :], mask=both, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + target_rows[:, None] * w_stride + k[None, :], mask=both, other=0.0).to(tl.float32)
+                target += tl.sum(h * w, 1)
+            tl.store(target_ptr + rows, target, mask=inside)
+
+    @triton.jit
+    def _fused_backward_kernel(h_ptr, w_ptr, labels_ptr, lse_ptr, grad_out_ptr, grad_h_ptr, grad_w_ptr, n_rows, vocab,
+                               width, h_stride, w_stride, ignore_index, WEIGHT_GRAD: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+                               UPCAST: tl.constexpr):
+        """One (token block, vocabulary block): recompute the logits, form g * (one_hot - softmax), and add
+        its products with the weight (and, if asked, with the hidden states) into float32 gradients."""
+        rows = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+        cols = (tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)).to(tl.int64)
+        inside = rows < n_rows
+        labels = tl.load(labels_ptr + rows, mask=inside, other=ignore_index)
+        lse = tl.load(lse_ptr + rows, mask=inside, other=0.0)
+        scale = tl.where(labels != ignore_index, tl.load(grad_out_ptr + rows, mask=inside, other=0.0), 0.0)
+        logits = _logit_block(h_ptr, w_ptr, rows, cols, n_rows, vocab, width, h_stride, w_stride,
+                              BLOCK_N, BLOCK_V, BLOCK_H, PRECISION, UPCAST)
+        one_hot = tl.where(cols[None, :] == labels[:, None], 1.0, 0.0)
+        grad = scale[:, None] * (one_hot - tl.exp(logits - lse[:, None]))
+        grad = tl.where(cols[None, :] < vocab, grad, 0.0)
+        grad = grad if UPCAST else grad.to(h_ptr.dtype.element_ty)
+        for start in range(0, width, BLOCK_H):
+            k = start + tl.arange(0, BLOCK_H)
+            w = tl.load(w_ptr + cols[:, None] * w_stride + k[None, :], mask=(cols[:, None] < vocab) & (k[None, :] < width), other=0.0)
+            w = w.to(tl.float32) if UPCAST else w
+            tl.atomic_add(grad_h_ptr + rows[:, None] * width + k[None, :], tl.dot(grad, w, input_precision=PRECISION),
+                          mask=inside[:, None] & (k[None, :] < width))
+            if WEIGHT_GRAD:
+                h = tl.load(h_ptr + rows[:, None] * h_stride + k[None, :], mask=inside[:, None] & (k[None, :] < width), other=0.0)
+                h = h.to(tl.float32) if UPCAST else h
+                tl.atomic_add(grad_w_ptr + cols[:, None] * width + k[None, :], tl.dot(tl.trans(grad), h, input_precision=PRECISION),
+                              mask=(cols[:, None] < vocab) & (k[None, :] < width))
+
+
+def _fused_blocks(hidden):
+    """Block sizes, the dot precision (float32 inputs multiply in full float32) and whether to
+    upcast half-precision tiles (the interpreter only)."""
+    precision = "ieee" if hidden.dtype == torch.float32 else "tf32"
+    upcast = os.environ.get("TRITON_INTERPRET") == "1" and hidden.dtype != torch.float32
+    return dict(BLOCK_N=32, BLOCK_V=128, BLOCK_H=64, PRECISION=precision, UPCAST=upcast)
+
+
+def _vocab_splits(token_blocks, vocab, block_v, device):
+    """Vocabulary columns per split, so that token blocks x splits fill the GPU (twice its SMs)
+    even when there are few tokens."""
+    processors = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
+    splits = max(1, min(triton.cdiv(vocab, block_v), triton.cdiv(2 * processors, token_blocks)))
+    return triton.cdiv(triton.cdiv(vocab, splits), block_v) * block_v
+
+
+def _fused_forward(hidden, weight, labels, ignore_index):
+    rows, width = hidden.shape
+    vocab = weight.shape[0]
+    if rows == 0:
+        return torch.zeros(0, device=hidden.device), torch.zeros(0, device=hidden.device)
+    if _use_triton(hidden):
+        blocks = _fused_blocks(hidden)
+        token_blocks = triton.cdiv(rows, blocks["BLOCK_N"])
+        split_size = _vocab_splits(token_blocks, vocab, blocks["BLOCK_V"], hidden.device)
+        splits = triton.cdiv(vocab, split_size)
+        target = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+        partial = torch.empty(splits, rows, dtype=torch.float32, device=hidden.device)
+        _fused_forward_kernel[(token_blocks, splits)](
+            hidden, weight, labels, target, partial, rows, vocab, width, hidden.stride(0), weight.stride(0), split_size,
+            ignore_index, **blocks)
+        lse = torch.logsumexp(partial, 0)
+        return torch.where(labels != ignore_index, target - lse, 0.0), lse
+    logprobs = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=hidden.device)
+    step = _chunk_rows(vocab)
+    for start in range(0, rows, step):  # PyTorch: one chunk of logits at a time, never all of them
+        end = min(rows, start + step)
+        logprobs[start:end], lse[start:end] = _logprob_forward(hidden[start:end] @ weight.T, labels[start:end], ignore_index)
+    return logprobs, lse
+
+
+def _fused_backward(hidden, weight, labels, lse, grad_out, ignore_index, weight_grad):
+    rows, width = hidden.shape
+    vocab = weight.shape[0]
+    grad_hidden = torch.zeros(rows, width, dtype=torch.float32, device=hidden.device)
+    grad_weight = torch.zeros(vocab, width, dtype=torch.float32, device=hidden.device) if weight_grad else None
+    if rows == 0:
+        return grad_hidden.to(hidden.dtype), grad_weight
+    grad_out = grad_out.float().contiguous()
+    if _use_triton(hidden):
+        blocks = _fused_blocks(hidden)
+        _fused_backward_kernel[(triton.cdiv(rows, blocks["BLOCK_N"]), triton.cdiv(vocab, blocks["BLOCK_V"]))](
+            hidden, weight, labels, lse, grad_out, grad_hidden, grad_hidden if grad_weight is None else grad_weight,
+            rows, vocab, width, hidden.stride(0), weight.stride(0), ignore_index, WEIGHT_GRAD=weight_grad, **blocks)
+    else:
+        step = _chunk_rows(vocab)
+        for start in range(0, rows, step):
+            end = min(rows, start + step)
+            logits = hidden[start:end] @ weight.T
+            grad_logits = _logprob_backward(logits, labels[start:end], lse[start:end], grad_out[start:end], ignore_index)
+            grad_hidden[start:end] = (grad_logits @ weight).float()
+            if weight_grad:
+                grad_weight += (grad_logits.T @ hidden[start:end]).float()
+    return grad_hidden.to(hidden.dtype), None if grad_weight is None else grad_weight.to(weight.dtype)
+
+
+class FusedTokenLogprobs(torch.autograd.Function):
+    """log p(label) per row of hidden @ weight.T, with gradients for hidden (and weight if it needs one)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index):
+        logprobs, lse = _fused_forward(hidden, weight, labels, ignore_index)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.ignore_index = ignore_index
+        return logprobs
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        grad_hidden, grad_weight = _fused_backward(hidden, weight, labels, lse, grad_out, ctx.ignore_index,
+                                                   ctx.needs_input_grad[1])
+        return grad_hidden, grad_weight, None, None
+
+
+def fused_token_logprobs(hidden, weight, labels, ignore_index=-100):
+    """float32 log p(labels) under logits hidden @ weight.T, of shape labels.shape, without holding
+    the logits; exactly 0 where labels == ignore_index. Triton on CUDA (or under
+    TRITON_INTERPRET=1), chunked PyTorch otherwise."""
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_hidden = flat_hidden if flat_hidden.stride(-1) == 1 else flat_hidden.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    flat_labels = labels.reshape(-1).to(device=hidden.device, dtype=torch.int64).contiguous()
+    check_labels(flat_labels, weight.shape[0], ignore_index)
+    return FusedTokenLogprobs.apply(flat_hidden, weight.to(flat_hidden.dtype), flat_labels, ignore_index).reshape(labels.shape)
+
+
+def head_logprobs(hf_model, hidden, targets, fused=True):
+    """log p(targets) under the LM head for selected hidden states [tokens, width]: fused (the
+    logits never exist) unless the head has a bias or is quantized."""
+    head = hf_model.lm_head
+    if fused and getattr(head, "bias", None) is None and head.weight.is_floating_point():
+        return fused_token_logprobs(hidden, head.weight, targets)
+    return token_logprobs(head(hidden), targets)
+# ---- end shared: logprobs ----
+
+
+class AnswerNLL(torch.nn.Module):
+    """The SFT loss: mean negative log-likelihood of the supervised (answer) tokens, from the language
+    model's last hidden states at the positions that predict them, through the fused LM head. Equal
+    to `model(**batch).loss`, which computes [tokens, vocabulary] logits at every position (at 4,096
+    tokens and Qwen2-VL's 152,064 words: 1.25 GB in bf16, and its float32 softmax again) although
+    only the few answer tokens carry loss; here no logits are ever held (see fused_token_logprobs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # a module attribute, so that DDP wraps this loss and syncs the model's gradients
+
+    def forward(self, labels, **inputs):
+        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = hf_model.model(**inputs).last_hidden_state
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        logps = head_logprobs(hf_model, hidden[:, :-1][supervised], targets[supervised])
+        return -logps.sum() / supervised.sum().clamp(min=1)
+
+
 def wrap_for_ddp(model, device, world):
     if world == 1:
         return model
@@ -861,7 +1223,7 @@ def train(args):
     trainable, optimizer, scheduler = optimizer_and_schedule(model, args, total_steps)
     checkpoint = os.path.join(args.out, "checkpoint")
     step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
-    ddp_model = wrap_for_ddp(model, device, world)
+    ddp_model = wrap_for_ddp(AnswerNLL(model), device, world)
 
     log = open_train_log(os.path.join(args.out, "train_log.jsonl"), step if args.resume else None) if main_process else None
     def record(entry):
@@ -891,8 +1253,9 @@ def train(args):
             began, tokens, loss_sum = time.perf_counter(), 0, 0.0
             mine = batches[start + rank:start + micro_per_step:world]
             for micro in mine:
-                batch = {k: v.to(device) for k, v in collate([examples[i] for i in micro], processor.tokenizer.pad_token_id).items()}
-                loss = ddp_model(**batch).loss / len(mine)
+                ready = [with_video(examples[i], processor, args.num_frames) for i in micro]
+                batch = {k: v.to(device) for k, v in collate(ready, processor.tokenizer.pad_token_id).items()}
+                loss = ddp_model(**batch) / len(mine)
                 loss.backward()
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].sum())

@@ -545,17 +545,16 @@ def append_jsonl(path, records):
 
 # ---- shared: training (identical copies in every training stage) ----
 def prepare_for_lora(model, args):
-    """Freeze everything; k-bit preparation and gradient checkpointing (of the language model: the
-    frozen vision tower keeps no activations for backward, so recomputing it would be waste)."""
-    from peft import prepare_model_for_kbit_training
+    """Freeze everything, cast nothing. Frozen bf16 weights stay bf16 (peft's prepare_model_for_kbit_training
+    makes every weight that is not 4-bit float32: for a 7B video LLM's vision tower, embeddings and head,
+    7 GB instead of 3.5 GB, none of it trained); LoRA's weights are float32, as peft makes them. With
+    gradient checkpointing the embeddings' output requires grad (reentrant checkpointing needs an input
+    that does), and only the language model is checkpointed: the frozen vision tower keeps no
+    activations for backward, so recomputing it would be waste."""
     for param in model.parameters():
         param.requires_grad_(False)
-    checkpointing = {"use_reentrant": True}  # torch's default, named: torch warns when it is not
-    if args.four_bit:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs=checkpointing)
-    elif args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
         model.enable_input_require_grads()
     for name, module in model.named_modules():
         if name.startswith(tuple(VISION_MODULES)) and getattr(module, "gradient_checkpointing", False):
@@ -696,6 +695,7 @@ def optimizer_and_schedule(model, args, total_steps):
 
 # ---------------------------------------------------------------- per-token log-probabilities
 
+# ---- shared: logprobs (identical copies in the training stages: per-token log-probs, fused with the LM head) ----
 def _use_triton(logits):
     return triton is not None and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -1008,6 +1008,16 @@ def fused_token_logprobs(hidden, weight, labels, ignore_index=-100):
     return FusedTokenLogprobs.apply(flat_hidden, weight.to(flat_hidden.dtype), flat_labels, ignore_index).reshape(labels.shape)
 
 
+def head_logprobs(hf_model, hidden, targets, fused=True):
+    """log p(targets) under the LM head for selected hidden states [tokens, width]: fused (the
+    logits never exist) unless the head has a bias or is quantized."""
+    head = hf_model.lm_head
+    if fused and getattr(head, "bias", None) is None and head.weight.is_floating_point():
+        return fused_token_logprobs(hidden, head.weight, targets)
+    return token_logprobs(head(hidden), targets)
+# ---- end shared: logprobs ----
+
+
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_nll, beta, alpha):
     """TPO's objective, mean over pairs of -log sigmoid(beta * (policy margin - reference margin)),
     plus alpha * chosen_nll (a scalar, or one value per pair, averaged); with the implicit rewards
@@ -1106,15 +1116,6 @@ def video_features(hf_model, vision_inputs):
     if isinstance(features, (list, tuple)):
         features = torch.cat(list(features))
     return features.reshape(-1, features.shape[-1])
-
-
-def head_logprobs(hf_model, hidden, targets, fused=True):
-    """log p(targets) under the LM head for selected hidden states [tokens, width]: fused (the
-    logits never exist) unless the head has a bias or is quantized."""
-    head = hf_model.lm_head
-    if fused and getattr(head, "bias", None) is None and head.weight.is_floating_point():
-        return fused_token_logprobs(hidden, head.weight, targets)
-    return token_logprobs(head(hidden), targets)
 
 
 def prompt_length(chosen, rejected):

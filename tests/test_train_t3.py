@@ -245,3 +245,87 @@ def test_validation_letter_accuracy_is_stage_06s_t3_val_number(tiny_models, t3_d
     results = json.load(open(tmp_path / "eval" / "results.json"))["results"]
     assert results["t3"]["t3_val"]["total"] == final["items"] == 12
     assert results["t3"]["t3_val"]["accuracy"] == pytest.approx(final["letter"]["all"], abs=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_the_answer_loss_equals_the_models_own_loss_without_its_logits(tiny_models, arch):
+    """AnswerNLL (hidden states at supervised positions through the fused head) gives model(**batch).loss
+    and the same LoRA gradients, on a batch of a video conversation and a text one of other lengths."""
+    model, processor = t3.load_model(tiny_models[arch], four_bit=False, device=torch.device("cpu"))
+    args = t3.parse_args(["--model", "m", "--train", "-", "--out", "-", "--no-4bit", "--lora-dropout", "0",
+                          "--no-gradient-checkpointing"])
+    model = t3.prepare_lora(model, args)
+    for name, param in model.named_parameters():  # LoRA B starts at zero: give it weight, so LoRA matters
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.2)
+    turns = [{"from": "human", "value": "<video>\nWhich event happens first?"}, {"from": "gpt", "value": "A red kite flies."}]
+    video = t3.encode(processor, t3.chat_messages(turns, with_video=True), frames_for(8))
+    text = t3.encode(processor, t3.chat_messages([{"from": "human", "value": "First a dog barks, then a cat runs. Which came last?"},
+                                                  {"from": "gpt", "value": "the cat runs"}]))
+    batch = t3.collate([video, text], processor.tokenizer.pad_token_id)
+    results = []
+    for loss_of in (lambda b: model(**b).loss, lambda b: t3.AnswerNLL(model)(**b)):
+        model.zero_grad()
+        loss = loss_of(dict(batch))
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def bytes_by_dtype(model):
+    """{(trainable, dtype): bytes} of a model's parameters (4-bit weights count as their packed uint8)."""
+    sizes = {}
+    for param in model.parameters():
+        key = (param.requires_grad, str(param.dtype).replace("torch.", ""))
+        sizes[key] = sizes.get(key, 0) + param.numel() * param.element_size()
+    return sizes
+
+
+def test_preparing_a_4bit_bf16_model_upcasts_nothing_frozen(tiny_models):
+    """As on a GPU: a bf16 model with a 4-bit language model. After preparation the frozen weights are
+    bf16 or 4-bit (peft's prepare_model_for_kbit_training made them float32), LoRA's are float32, and a
+    training step runs."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                      llm_int8_skip_modules=t3.VISION_MODULES)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen2_vl"], dtype=torch.bfloat16,
+                                                        quantization_config=quantization, device_map={"": "cpu"})
+    t3.keep_4bit_layout(model)
+    args = t3.parse_args(["--model", "m", "--train", "-", "--out", "-"])
+    model = t3.prepare_lora(model, args)
+    sizes = bytes_by_dtype(model)
+    assert sizes.get((False, "float32"), 0) == 0 and sizes[(False, "bfloat16")] > 0 and sizes[(False, "uint8")] > 0
+    assert {dtype for trainable, dtype in sizes if trainable} == {"float32"}
+    processor = AutoProcessor.from_pretrained(tiny_models["qwen2_vl"])
+    example = t3.encode(processor, t3.chat_messages([{"from": "human", "value": "Which came first?"},
+                                                     {"from": "gpt", "value": "the dog barks"}]))
+    loss = t3.AnswerNLL(model)(**t3.collate([example], processor.tokenizer.pad_token_id))
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_mixed_videos_are_decoded_per_batch_not_kept(tiny_models, tmp_path):
+    """--mix of many videos: the encoded examples hold token ids only (no pixel tensors, so memory does
+    not grow with the number of videos); each batch decodes its videos again, to the same tensors."""
+    from transformers import AutoProcessor
+    processor = AutoProcessor.from_pretrained(tiny_models["qwen2_vl"])
+    lines = []
+    for i in range(40):
+        write_video(tmp_path / f"clip{i}.mp4", frames_for(8, seed=i))
+        lines.append({"id": f"v{i}", "video": f"clip{i}.mp4", "conversations": [
+            {"from": "human", "value": "<video>\nWhat moves?"}, {"from": "gpt", "value": f"square {i}"}]})
+    (tmp_path / "mix.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    records = t3.load_records(str(tmp_path / "mix.jsonl"), need_video=True)
+    examples, skipped = t3.encode_records(records, processor, 4, 4096, "tokenize", show=False)
+    assert len(examples) == 40 and skipped == {"too_long": 0, "unreadable_video": 0}
+    held = [v for e in examples for v in e.values() if isinstance(v, torch.Tensor)]
+    held += [v for e in examples for v in e.get("extras", {}).values()]
+    assert held == []
+    ready = t3.with_video(examples[7], processor, 4)
+    direct = t3.encode(processor, t3.chat_messages(records[7]["conversations"], True), t3.sample_frames(records[7]["video"], 4))
+    assert ready["input_ids"] == examples[7]["input_ids"] == direct["input_ids"]
+    for key, value in direct["extras"].items():
+        assert torch.equal(ready["extras"][key], value)
