@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from tqdm import tqdm
@@ -598,28 +598,38 @@ def split_options(record):
 
 @torch.no_grad()
 def option_logprobs(model, processor, prompt, options, device):
-    """Mean log-probability per token of each option text after the prompt (one batch)."""
+    """Mean log-probability per token of each option text after the prompt. The prompt runs once; its
+    key/value cache, repeated, serves the options, which run as one right-padded batch."""
     messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
     examples = [encode(processor, messages + [{"role": "assistant", "content": [{"type": "text", "text": o}]}])
                 for o in options]
-    batch = {k: v.to(device) for k, v in collate(examples, processor.tokenizer.pad_token_id).items()}
-    labels = batch.pop("labels")
-    logits = model(**batch).logits[:, :-1].float()
-    targets = labels[:, 1:]
-    logprobs = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    mask = targets != -100
-    return ((logprobs * mask).sum(1) / mask.sum(1)).tolist()
+    shared = examples[0]["labels"].index(next(label for label in examples[0]["labels"] if label != -100))
+    if any(e["input_ids"][:shared] != examples[0]["input_ids"][:shared] for e in examples):
+        raise ValueError("the options do not share the prompt's tokens")
+    prefix = model(input_ids=torch.tensor([examples[0]["input_ids"][:shared]], device=device), use_cache=True)
+    answers = [e["input_ids"][shared:] for e in examples]
+    width = max(len(a) for a in answers)
+    ids = torch.tensor([a + [processor.tokenizer.pad_token_id] * (width - len(a)) for a in answers], device=device)
+    present = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=device)
+    cache = prefix.past_key_values
+    cache.batch_repeat_interleave(len(options))
+    mask = torch.cat([torch.ones(len(options), shared, dtype=present.dtype, device=device), present], 1)
+    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+    # the prompt's last position predicts each answer's first token; the answers' own positions the rest
+    logits = torch.cat([prefix.logits[:, -1:].expand(len(options), -1, -1), logits[:, :-1]], 1).float()
+    logprobs = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return ((logprobs * present).sum(1) / present.sum(1)).tolist()
 
 
 @torch.no_grad()
-def evaluate(model, processor, records, device):
+def evaluate(model, processor, records, device, rank=0, world=1):
     """Accuracy overall and per task, two ways: `letter`, the option letter most likely as the reply's
     first token after the record's multiple-choice prompt (stage 01 writes the prompt stage 06 builds,
     so this is 06's t3_val number); `text`, the option whose text is most likely after the question."""
     model.eval()
     letter_ids = [processor.tokenizer(L, add_special_tokens=False)["input_ids"][0] for L in "ABCDEFGH"]
     hits = {}
-    for record in tqdm(records, desc="eval", unit="rec", leave=False, mininterval=2):
+    for record in tqdm(records[rank::world], desc="eval", unit="rec", leave=False, mininterval=2, disable=rank != 0):
         prompt, options, answer = split_options(record)
         by_text = option_logprobs(model, processor, prompt, options, device)
         messages = chat_messages(record["conversations"][:1])
@@ -632,6 +642,15 @@ def evaluate(model, processor, records, device):
                 entry[0] += choice == answer
                 entry[1] += 1
     model.train()
+    if world > 1:  # each rank scored its share: add up the counts
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, hits)
+        hits = {}
+        for share in shares:
+            for key, groups in share.items():
+                for group, (h, n) in groups.items():
+                    entry = hits.setdefault(key, {}).setdefault(group, [0, 0])
+                    entry[0], entry[1] = entry[0] + h, entry[1] + n
     accuracy = {key: {group: round(h / n, 4) for group, (h, n) in groups.items()} for key, groups in hits.items()}
     return {**accuracy, "items": len(records)}
 
@@ -1234,10 +1253,11 @@ def train(args):
         record({"event": "start", "step": step, "examples": len(examples), "skipped_too_long": skipped["too_long"],
                 "skipped_unreadable_video": skipped["unreadable_video"],
                 "total_steps": total_steps, "world_size": world})
-    if val and main_process and step == 0:
-        accuracy = evaluate(model, processor, val, device)
+    if val and step == 0:  # every rank scores its share of the records
+        accuracy = evaluate(model, processor, val, device, rank, world)
         record({"event": "eval", "step": 0, **accuracy})
-        print(validation_line(0, accuracy))
+        if main_process:
+            print(validation_line(0, accuracy))
 
     model.train()
     micro_per_step = args.grad_accum * world
@@ -1252,11 +1272,13 @@ def train(args):
                 break
             began, tokens, loss_sum = time.perf_counter(), 0, 0.0
             mine = batches[start + rank:start + micro_per_step:world]
-            for micro in mine:
+            for position, micro in enumerate(mine):
                 ready = [with_video(examples[i], processor, args.num_frames) for i in micro]
                 batch = {k: v.to(device) for k, v in collate(ready, processor.tokenizer.pad_token_id).items()}
-                loss = ddp_model(**batch) / len(mine)
-                loss.backward()
+                last = position == len(mine) - 1  # DDP all-reduces the gradients once, after the last micro-batch
+                with nullcontext() if world == 1 or last else ddp_model.no_sync():
+                    loss = ddp_model(**batch) / len(mine)
+                    loss.backward()
                 loss_sum += loss.item()
                 tokens += int(batch["attention_mask"].sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
@@ -1269,8 +1291,8 @@ def train(args):
             bar.update()
             record({"event": "train", "step": step, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0],
                     "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(speed, 1)})
-            if args.eval_every and val and step % args.eval_every == 0 and step < total_steps and main_process:
-                record({"event": "eval", "step": step, **evaluate(model, processor, val, device)})
+            if args.eval_every and val and step % args.eval_every == 0 and step < total_steps:
+                record({"event": "eval", "step": step, **evaluate(model, processor, val, device, rank, world)})
             if main_process and (step % args.save_every == 0 or step == stop_at):
                 save_checkpoint(checkpoint, model, optimizer, scheduler, step)
     bar.close()
@@ -1281,10 +1303,12 @@ def train(args):
         return None
     if main_process:
         save_adapter(model, args.out)
-        if val:
-            accuracy = evaluate(model, processor, val, device)
-            record({"event": "eval", "step": step, **accuracy})
+    if val:
+        accuracy = evaluate(model, processor, val, device, rank, world)
+        record({"event": "eval", "step": step, **accuracy})
+        if main_process:
             print(validation_line(step, accuracy))
+    if main_process:
         print(f"adapter written to {args.out}")
     if log:
         log.close()

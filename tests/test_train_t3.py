@@ -188,15 +188,26 @@ def test_resume_matches_uninterrupted_run(tiny_models, t3_data, tmp_path, video_
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
-def test_runs_under_torchrun_ddp(tiny_models, t3_data, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT,
-                             "--model", tiny_models["qwen2_vl"], "--train", str(t3_data / "t3_train.jsonl"),
-                             "--out", str(tmp_path), "--max-steps", "2", "--batch-size", "2", "--grad-accum", "2",
-                             "--no-gradient-checkpointing"], capture_output=True, text=True)
+def test_runs_under_torchrun_ddp_as_one_process_would(tiny_models, t3_data, tmp_path):
+    """2 ranks x 2 micro-batches (gradients all-reduced once per step) give the adapter of 1 process x 4
+    micro-batches, and validation, split between the ranks and gathered, gives the same accuracy."""
+    common = ["--model", tiny_models["qwen2_vl"], "--train", str(t3_data / "t3_train.jsonl"), "--val",
+              str(t3_data / "t3_val.jsonl"), "--max-steps", "2", "--batch-size", "2", "--no-4bit", "--lora-dropout", "0",
+              "--no-gradient-checkpointing", "--lr", "1e-2"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT, *common,
+                             "--grad-accum", "2", "--out", str(tmp_path / "ddp")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    log = [json.loads(line) for line in open(tmp_path / "train_log.jsonl")]
-    assert log[0]["world_size"] == 2 and [e["step"] for e in log if e["event"] == "train"] == [1, 2]
-    assert (tmp_path / "adapter_model.safetensors").exists()
+    single = run_train(*common, "--grad-accum", "4", "--out", tmp_path / "one")
+    assert single.returncode == 0, single.stderr[-2000:]
+    logs = {name: [json.loads(line) for line in open(tmp_path / name / "train_log.jsonl")] for name in ("ddp", "one")}
+    assert logs["ddp"][0]["world_size"] == 2 and [e["step"] for e in logs["ddp"] if e["event"] == "train"] == [1, 2]
+    evals = {name: [e for e in log if e["event"] == "eval"] for name, log in logs.items()}
+    assert [e["items"] for e in evals["ddp"]] == [e["items"] for e in evals["one"]] == [12, 12]
+    assert [e["letter"] for e in evals["ddp"]] == [e["letter"] for e in evals["one"]]
+    ddp, one = (load_file(str(tmp_path / name / "adapter_model.safetensors")) for name in ("ddp", "one"))
+    assert ddp.keys() == one.keys()
+    for key in one:
+        torch.testing.assert_close(ddp[key], one[key], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("case", ["bad_json", "missing_video", "missing_model", "no_gpt"])
@@ -329,3 +340,23 @@ def test_mixed_videos_are_decoded_per_batch_not_kept(tiny_models, tmp_path):
     assert ready["input_ids"] == examples[7]["input_ids"] == direct["input_ids"]
     for key, value in direct["extras"].items():
         assert torch.equal(ready["extras"][key], value)
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_option_scores_from_one_prompt_pass_equal_separate_sequences(tiny_models, arch):
+    """Validation runs the prompt once and shares its cache with the options: the scores equal those of
+    each option as its own sequence (options of different lengths, right-padded)."""
+    model, processor = t3.load_model(tiny_models[arch], four_bit=False, device=torch.device("cpu"))
+    model.eval()
+    prompt, options = "First a dog barks, then a cat runs. Which came last?", ["the cat runs", "a dog", "nothing at all happens"]
+    shared = t3.option_logprobs(model, processor, prompt, options, torch.device("cpu"))
+    separate = []
+    for option in options:
+        example = t3.encode(processor, [{"role": "user", "content": [{"type": "text", "text": prompt}]},
+                                        {"role": "assistant", "content": [{"type": "text", "text": option}]}])
+        ids, labels = torch.tensor([example["input_ids"]]), torch.tensor(example["labels"][1:])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        picked = logprobs[labels != -100].gather(-1, labels[labels != -100].unsqueeze(-1))
+        separate.append(float(picked.mean()))
+    assert shared == pytest.approx(separate, abs=1e-4)
