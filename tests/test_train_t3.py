@@ -108,7 +108,7 @@ def wilson_interval(p, n, z=1.96):
 
 
 @pytest.mark.slow
-def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_path_factory, order_data):
+def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_path_factory, order_data, monkeypatch):
     """A real learning signal: validation captions are held out, options are never shown, and the model
     starts at chance. Hidden 128 x 2 layers is the smallest tiny model seen to learn this (hidden 64 did
     not in 32,000 records); it needs about 16,000 records, 500 steps, a few minutes on 2 CPU cores.
@@ -118,6 +118,9 @@ def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_pa
     import tiny_model
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    # The loss's PyTorch path, as on a CPU outside the tests: the Triton interpreter would take 4x as long
+    # here, and the kernels have tests of their own.
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model_dir = tiny_model.build(str(tmp_path_factory.mktemp("models") / "h128"), hidden=128, layers=2)
     out = tmp_path_factory.mktemp("order_run")
     args = t3.parse_args(["--model", model_dir, "--train", str(order_data / "t3_train.jsonl"),
