@@ -1192,7 +1192,7 @@ class AnswerNLL(torch.nn.Module):
 
     def forward(self, labels, **inputs):
         hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden = hf_model.model(**inputs).last_hidden_state
+        hidden = hf_model.model(**inputs, use_cache=False).last_hidden_state  # training keeps no cache
         targets = labels[:, 1:]
         supervised = targets != -100
         logps = head_logprobs(hf_model, hidden[:, :-1][supervised], targets[supervised])

@@ -1199,7 +1199,8 @@ def rows_logps(model, processor, pairs_encoded, device, shared_prompt=True, fuse
         chunks = features.split(video_mask[0::videos_per_row].sum(1).tolist())
         repeated = torch.cat([chunk for chunk in chunks for _ in range(videos_per_row)]).to(embeds.dtype)
         embeds = embeds.masked_scatter(video_mask.unsqueeze(-1).expand_as(embeds), repeated)
-    hidden = hf_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).last_hidden_state
+    hidden = hf_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+                            use_cache=False).last_hidden_state
     logps = head_logprobs(hf_model, hidden[row, source], targets, fused)
     sums = torch.zeros(len(rows), device=device, dtype=torch.float32).index_add(0, owner, logps)
     return sums, torch.bincount(owner, minlength=len(rows))

@@ -1255,7 +1255,8 @@ def write_results(out, predictions, skipped, meta):
                           for bench, n in skipped.items() if n)
                 + (f"\n{len(meta['videos_with_decoder_errors'])} videos have frames that do not decode; the nearest "
                    "frames that do were shown (listed in results.json)\n" if meta.get("videos_with_decoder_errors") else "")
-                + "".join(f"\nThe prompt of {bench}'s first item (after the video):\n\n```\n{prompt}\n```\n"
+                + "".join(f"\nThe prompt of {bench}'s first item"
+                          f"{'' if bench in meta.get('text_only', []) else ' (after the video)'}:\n\n```\n{prompt}\n```\n"
                           for bench, prompt in meta.get("example_prompts", {}).items()))
     for model, benches in results.items():
         for bench, cell in benches.items():
@@ -1363,6 +1364,7 @@ def main(argv=None):
     meta = {"model": args.model, "adapters": dict(args.adapters), "benches": [s for s in args.bench], "mode": args.mode,
             "prompt": args.prompt, "formats": {name: layout for name, layout, _, _ in benches},
             "example_prompts": {name: bench_items[0]["prompt"] for name, _, bench_items, _ in benches},
+            "text_only": [name for name, _, bench_items, _ in benches if bench_items[0]["video"] is None],
             "unscorable": {name: n for name, _, _, n in benches if n},
             "num_frames": args.num_frames, "shard": args.shard, "skipped": skipped,
             "videos_with_decoder_errors": sorted(decode_warnings), "seconds": round(time.perf_counter() - began, 1)}
