@@ -180,9 +180,9 @@ def pick_device():
     return torch.device("cpu")
 
 
-def load_model(path, four_bit=True, device=None):
+def load_model(path, four_bit=True, device=None, dtype=None):
     """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
-    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU."""
+    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU (or `dtype`)."""
     import logging
     import warnings
     # Library notices a user cannot act on: bitsandbytes' hint to install an optional CPU kernel
@@ -191,7 +191,7 @@ def load_model(path, four_bit=True, device=None):
     warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
     device = device or pick_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None

@@ -169,9 +169,9 @@ def pick_device():
     return torch.device("cpu")
 
 
-def load_model(path, four_bit=True, device=None):
+def load_model(path, four_bit=True, device=None, dtype=None):
     """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
-    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU."""
+    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU (or `dtype`)."""
     import logging
     import warnings
     # Library notices a user cannot act on: bitsandbytes' hint to install an optional CPU kernel
@@ -180,7 +180,7 @@ def load_model(path, four_bit=True, device=None):
     warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
     device = device or pick_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
@@ -603,7 +603,7 @@ def option_logprobs(model, processor, prompt, options, device):
     messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
     examples = [encode(processor, messages + [{"role": "assistant", "content": [{"type": "text", "text": o}]}])
                 for o in options]
-    shared = examples[0]["labels"].index(next(label for label in examples[0]["labels"] if label != -100))
+    shared = next(i for i, label in enumerate(examples[0]["labels"]) if label != -100)
     if any(e["input_ids"][:shared] != examples[0]["input_ids"][:shared] for e in examples):
         raise ValueError("the options do not share the prompt's tokens")
     prefix = model(input_ids=torch.tensor([examples[0]["input_ids"][:shared]], device=device), use_cache=True)

@@ -201,9 +201,9 @@ def pick_device():
     return torch.device("cpu")
 
 
-def load_model(path, four_bit=True, device=None):
+def load_model(path, four_bit=True, device=None, dtype=None):
     """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
-    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU."""
+    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU (or `dtype`)."""
     import logging
     import warnings
     # Library notices a user cannot act on: bitsandbytes' hint to install an optional CPU kernel
@@ -212,7 +212,7 @@ def load_model(path, four_bit=True, device=None):
     warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)
     from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
     device = device or pick_device()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
@@ -704,11 +704,11 @@ def wilson_interval(correct, total, z=1.96):
 def load_records(path):
     """[(where, record)] from JSONL, a JSON list, a JSON object of lists or records, TempCompass's
     nested {video_id: {dim: [records]}} files, or Parquet."""
-    check_input_file_or_parquet(path)
+    if os.path.isfile(path) and is_parquet(path):
+        return [(f"{path}: row {i}", r) for i, r in enumerate(read_parquet(path), 1)]
+    check_input_file(path)
     if path.lower().endswith((".csv", ".tsv")):
         raise InputError(f"{path}: a CSV file; give the benchmark's JSON, JSONL or Parquet file")
-    if is_parquet(path):
-        return [(f"{path}: row {i}", r) for i, r in enumerate(read_parquet(path), 1)]
     text = read_text(path)
     head = text[:4096].lstrip()
     if path.endswith(".jsonl") or not head.startswith(("[", "{")):
@@ -735,11 +735,6 @@ def load_records(path):
 def is_parquet(path):
     with open(path, "rb") as f:
         return f.read(4) == b"PAR1"
-
-
-def check_input_file_or_parquet(path):
-    if not (os.path.isfile(path) and is_parquet(path)):
-        check_input_file(path)
 
 
 def read_parquet(path):
@@ -978,17 +973,18 @@ def video_index(folder, depth=3):
 
 def read_bench(spec, fmt, video_root, limit, prompt_style="official"):
     """(name, layout, items, unscorable) of one --bench [NAME=]FILE; the layout is the first record's
-    (or `fmt`), and ids are made unique within the benchmark. A published benchmark's record whose answer is not among its options is warned about
-    and counted; in the project's own files it is an error."""
+    (or `fmt`), and ids are made unique within the benchmark. A published benchmark's record whose
+    answer is not among its options is warned about and counted; in the project's own files it is an
+    error."""
     name, _, path = spec.rpartition("=") if "=" in spec and not os.path.exists(spec) else ("", "", spec)
     name = name or os.path.splitext(os.path.basename(path))[0]
     items, seen, unscorable = [], {}, 0
     records = load_records(path)
     record_format = fmt if fmt != "auto" else detect_format(records[0][1]) if records else None
+    folder, stem = os.path.dirname(os.path.abspath(path)), os.path.splitext(os.path.basename(path))[0]
     for where, record in records:
         try:
-            item = to_item(record_format, record, where, os.path.dirname(os.path.abspath(path)), video_root, prompt_style,
-                           os.path.splitext(os.path.basename(path))[0])
+            item = to_item(record_format, record, where, folder, video_root, prompt_style, stem)
         except UnscorableRecord as e:
             if record_format in ("jsonl", "t3"):
                 raise

@@ -72,13 +72,7 @@ def parameter_bytes(t3, model_dir, prepare):
     with `prepare` ("peft" or "stage"), LoRA attached; part is "layers" (the language model's decoder
     layers, which scale with depth) or "rest"."""
     from peft import get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForImageTextToText, BitsAndBytesConfig
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                      bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=t3.VISION_MODULES)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.bfloat16, quantization_config=quantization,
-                                                        device_map={"": device})
-    t3.keep_4bit_layout(model)
+    model, _ = t3.load_model(model_dir, four_bit=True, device=t3.pick_device(), dtype=torch.bfloat16)
     args = t3.parse_args(["--model", model_dir, "--train", "-", "--out", "-"])
     if prepare == "peft":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)

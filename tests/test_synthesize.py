@@ -19,13 +19,17 @@ def run_synthesize(out, *args):
     return subprocess.run([sys.executable, SCRIPT, "--out", str(out), *args], capture_output=True, text=True)
 
 
+def read_records(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
 @pytest.fixture(scope="module")
 def synthesized(tmp_path_factory):
     out = tmp_path_factory.mktemp("t3")
     result = run_synthesize(out, "--num-train", "1300", "--num-val", "520", "--seed", "3")
     assert result.returncode == 0, result.stderr
-    read = lambda name: [json.loads(line) for line in open(out / name, encoding="utf-8")]
-    return out, read("t3_train.jsonl"), read("t3_val.jsonl")
+    return out, read_records(out / "t3_train.jsonl"), read_records(out / "t3_val.jsonl")
 
 
 # ---- an independent reader of the prompts: parses the text, knows nothing of the builders ----
@@ -251,8 +255,7 @@ def many_val_records(tmp_path_factory):
     out = tmp_path_factory.mktemp("shortcuts")
     result = run_synthesize(out, "--num-train", "2600", "--num-val", "6500", "--seed", "4")
     assert result.returncode == 0, result.stderr
-    read = lambda name: [json.loads(line) for line in open(out / name, encoding="utf-8")]
-    return read("t3_val.jsonl"), read("t3_train.jsonl")
+    return read_records(out / "t3_val.jsonl"), read_records(out / "t3_train.jsonl")
 
 
 def test_no_family_can_be_answered_from_its_options_alone(many_val_records):

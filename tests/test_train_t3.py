@@ -101,12 +101,6 @@ def order_data(tmp_path_factory):
     return out
 
 
-def wilson_interval(p, n, z=1.96):
-    """95% interval of a proportion p observed on n items."""
-    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z * ((p * (1 - p) + z * z / (4 * n)) / n) ** 0.5 / (1 + z * z / n)
-    return centre - half, centre + half
-
-
 @pytest.mark.slow
 def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_path_factory, order_data, monkeypatch):
     """A real learning signal: validation captions are held out, options are never shown, and the model
@@ -138,7 +132,7 @@ def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_pa
     before, after = evals[0]["text"]["order"], evals[1]["text"]["order"]
     items = 400
     assert before < 0.32  # four options: chance is 0.25
-    assert wilson_interval(after, items)[0] > 0.25, (before, after)
+    assert t3.wilson_interval(round(after * items), items)[0] > 0.25, (before, after)
     gain, spread = after - before, 1.96 * ((after * (1 - after) + before * (1 - before)) / items) ** 0.5
     assert gain - spread > 0, (before, after)  # unpaired, so conservative: the items are the same
 
@@ -302,18 +296,12 @@ def test_preparing_a_4bit_bf16_model_upcasts_nothing_frozen(tiny_models):
     """As on a GPU: a bf16 model with a 4-bit language model. After preparation the frozen weights are
     bf16 or 4-bit (peft's prepare_model_for_kbit_training made them float32), LoRA's are float32, and a
     training step runs."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                                      llm_int8_skip_modules=t3.VISION_MODULES)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen2_vl"], dtype=torch.bfloat16,
-                                                        quantization_config=quantization, device_map={"": "cpu"})
-    t3.keep_4bit_layout(model)
+    model, processor = t3.load_model(tiny_models["qwen2_vl"], four_bit=True, device=torch.device("cpu"), dtype=torch.bfloat16)
     args = t3.parse_args(["--model", "m", "--train", "-", "--out", "-"])
     model = t3.prepare_lora(model, args)
     sizes = bytes_by_dtype(model)
     assert sizes.get((False, "float32"), 0) == 0 and sizes[(False, "bfloat16")] > 0 and sizes[(False, "uint8")] > 0
     assert {dtype for trainable, dtype in sizes if trainable} == {"float32"}
-    processor = AutoProcessor.from_pretrained(tiny_models["qwen2_vl"])
     example = t3.encode(processor, t3.chat_messages([{"from": "human", "value": "Which came first?"},
                                                      {"from": "gpt", "value": "the dog barks"}]))
     loss = t3.AnswerNLL(model)(**t3.collate([example], processor.tokenizer.pad_token_id))

@@ -428,15 +428,9 @@ def test_under_4bit_bf16_the_fused_head_sees_bf16(tiny_models, pairs_file, monke
     """As on a GPU (bf16, 4-bit language model): after preparation the head's weight and the hidden
     states reach fused_token_logprobs in bf16, the dtype with a tensor-core path (peft's preparation
     made both float32, the kernel's slow full-float32 path)."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
-    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
-                                      llm_int8_skip_modules=tpo.VISION_MODULES)
-    model = AutoModelForImageTextToText.from_pretrained(tiny_models["qwen2_vl"], dtype=torch.bfloat16,
-                                                        quantization_config=quantization, device_map={"": "cpu"})
-    tpo.keep_4bit_layout(model)
+    model, processor = tpo.load_model(tiny_models["qwen2_vl"], four_bit=True, device=torch.device("cpu"), dtype=torch.bfloat16)
     args = tpo.parse_args(["--model", "m", "--pairs", str(pairs_file), "--out", "-"])
     model = tpo.prepare_policy(model, args)
-    processor = AutoProcessor.from_pretrained(tiny_models["qwen2_vl"])
     seen, fused = [], tpo.fused_token_logprobs
     monkeypatch.setattr(tpo, "fused_token_logprobs", lambda h, w, t: seen.append((h.dtype, w.dtype)) or fused(h, w, t))
     pair = tpo.load_pairs(str(pairs_file))[0]
