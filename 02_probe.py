@@ -202,8 +202,25 @@ def load_model(path, four_bit=True, device=None, dtype=None):
             path, dtype=dtype, quantization_config=quantization, device_map={"": device}, local_files_only=cached_only)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    check_chat_template(processor, path)
     keep_4bit_layout(model)
     return model, processor
+
+
+def check_chat_template(processor, path):
+    """InputError unless the processor's chat template renders a user turn holding a video and a
+    question: a base (not chat) checkpoint, whose template ignores chat messages, or a processor
+    without videos fails here in one line instead of prompting the model with the wrong text."""
+    question = "Which event happens first?"
+    turn = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    try:
+        text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    except Exception as e:
+        raise InputError(f"{path}: its chat template cannot render a video question ({str(e).splitlines()[0][:150]})") from None
+    video_token = getattr(processor, "video_token", None)
+    if question not in text or not video_token or video_token not in text:
+        raise InputError(f"{path}: its chat template does not render a chat turn with a video ({type(processor).__name__}); "
+                         "give an instruction-tuned checkpoint that takes videos")
 
 
 def check_model_path(path):

@@ -218,8 +218,25 @@ def load_model(path, four_bit=True, device=None, dtype=None):
             path, dtype=dtype, quantization_config=quantization, device_map={"": device}, local_files_only=cached_only)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    check_chat_template(processor, path)
     keep_4bit_layout(model)
     return model, processor
+
+
+def check_chat_template(processor, path):
+    """InputError unless the processor's chat template renders a user turn holding a video and a
+    question: a base (not chat) checkpoint, whose template ignores chat messages, or a processor
+    without videos fails here in one line instead of prompting the model with the wrong text."""
+    question = "Which event happens first?"
+    turn = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    try:
+        text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    except Exception as e:
+        raise InputError(f"{path}: its chat template cannot render a video question ({str(e).splitlines()[0][:150]})") from None
+    video_token = getattr(processor, "video_token", None)
+    if question not in text or not video_token or video_token not in text:
+        raise InputError(f"{path}: its chat template does not render a chat turn with a video ({type(processor).__name__}); "
+                         "give an instruction-tuned checkpoint that takes videos")
 
 
 def check_model_path(path):
@@ -690,18 +707,27 @@ def batched(requests, batch_size):
 
 @torch.no_grad()
 def generate(model, processor, requests, args, device):
-    """[(text, truncated)] for requests [(frames or None, prompt)]: greedy, batched."""
+    """[(text, truncated)] for requests [(frames or None, prompt)], batched: greedy, or plain sampling at
+    --temperature (the checkpoint's own top-k/top-p filters, e.g. Qwen2-VL's top_k=1, would make it greedy)."""
     results = [None] * len(requests)
-    eos = processor.tokenizer.eos_token_id
+    stops = stop_token_ids(model, processor.tokenizer)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0, "top_p": 1.0} if args.temperature > 0 \
+        else {"do_sample": False}
     for indices in batched(requests, args.batch_size):
         inputs = chat_inputs(processor, [requests[i] for i in indices], device)
-        sampling = {"do_sample": True, "temperature": args.temperature, "top_k": 0} if args.temperature > 0 else {"do_sample": False}
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **sampling)
         for i, row in zip(indices, output[:, inputs["input_ids"].shape[1]:].tolist()):
-            ended = eos in row
-            row = row[:row.index(eos)] if ended else row
-            results[i] = (processor.tokenizer.decode(row, skip_special_tokens=True).strip(), not ended)
+            end = next((n for n, token in enumerate(row) if token in stops), None)
+            results[i] = (processor.tokenizer.decode(row[:end], skip_special_tokens=True).strip(), end is None)
     return results
+
+
+def stop_token_ids(model, tokenizer):
+    """Every token that ends a reply: the tokenizer's end of turn and the checkpoint's generation
+    stops (Qwen-VL stops at <|im_end|> and at <|endoftext|>)."""
+    stops = model.generation_config.eos_token_id
+    stops = stops if isinstance(stops, list) else [] if stops is None else [stops]
+    return set(stops) | {tokenizer.eos_token_id}
 
 
 @torch.no_grad()

@@ -212,8 +212,25 @@ def load_model(path, four_bit=True, device=None, dtype=None):
             path, dtype=dtype, quantization_config=quantization, device_map={"": device}, local_files_only=cached_only)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    check_chat_template(processor, path)
     keep_4bit_layout(model)
     return model, processor
+
+
+def check_chat_template(processor, path):
+    """InputError unless the processor's chat template renders a user turn holding a video and a
+    question: a base (not chat) checkpoint, whose template ignores chat messages, or a processor
+    without videos fails here in one line instead of prompting the model with the wrong text."""
+    question = "Which event happens first?"
+    turn = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    try:
+        text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    except Exception as e:
+        raise InputError(f"{path}: its chat template cannot render a video question ({str(e).splitlines()[0][:150]})") from None
+    video_token = getattr(processor, "video_token", None)
+    if question not in text or not video_token or video_token not in text:
+        raise InputError(f"{path}: its chat template does not render a chat turn with a video ({type(processor).__name__}); "
+                         "give an instruction-tuned checkpoint that takes videos")
 
 
 def check_model_path(path):
@@ -1103,19 +1120,29 @@ def encode_pairs(processor, pairs, num_frames, show):
 
 # ---------------------------------------------------------------- one forward per batch of pairs
 
-def video_features(hf_model, vision_inputs):
-    """What the model scatters into its video tokens, from its own get_video_features (frozen: no grad)."""
+def video_encodings(hf_model, vision_inputs, copies=1):
+    """The model's own get_video_features output (frozen: no grad), each video repeated `copies`
+    times in row order. Handed back to the model as `mm_encoder_outputs`, it is placed by the model
+    itself, with what some architectures add beside the token features (Qwen3-VL's deepstack)."""
     kwargs = dict(vision_inputs)
     params = inspect.signature(hf_model.model.get_video_features).parameters
     for name in ("vision_feature_layer", "vision_feature_select_strategy"):
         if name in params and getattr(hf_model.config, name, None) is not None:
             kwargs[name] = getattr(hf_model.config, name)
     with torch.no_grad():
-        out = hf_model.model.get_video_features(**{k: v for k, v in kwargs.items() if k in params})
-    features = getattr(out, "pooler_output", out)
-    if isinstance(features, (list, tuple)):
-        features = torch.cat(list(features))
-    return features.reshape(-1, features.shape[-1])
+        out = hf_model.model.get_video_features(**{k: v for k, v in kwargs.items() if k in params}, return_dict=True)
+    if copies > 1:
+        out.pooler_output = repeat_each(out.pooler_output, copies)
+        if getattr(out, "deepstack_features", None) is not None:
+            out.deepstack_features = [repeat_each(layer, copies) for layer in out.deepstack_features]
+    return out
+
+
+def repeat_each(videos, copies):
+    """[v1, v1, v2, v2, ...] from per-video features: a tensor [videos, ...] or a sequence of tensors."""
+    if torch.is_tensor(videos):
+        return videos.repeat_interleave(copies, dim=0)
+    return [video for video in videos for _ in range(copies)]
 
 
 def prompt_length(chosen, rejected):
@@ -1190,16 +1217,12 @@ def rows_logps(model, processor, pairs_encoded, device, shared_prompt=True, fuse
         row, source = response.nonzero(as_tuple=True)
         targets, owner = labels[:, 1:][response], row
         videos_per_row = 2
-    embeds = hf_model.get_input_embeddings()(input_ids)
+    encoded = {}
     if vision_keys:
         vision_inputs = {k: torch.cat([c["extras"][k] for c, _ in pairs_encoded]).to(device)
                          for k in pairs_encoded[0][0]["extras"]}
-        features = video_features(hf_model, vision_inputs)
-        video_mask = input_ids == processor.tokenizer.convert_tokens_to_ids(processor.video_token)
-        chunks = features.split(video_mask[0::videos_per_row].sum(1).tolist())
-        repeated = torch.cat([chunk for chunk in chunks for _ in range(videos_per_row)]).to(embeds.dtype)
-        embeds = embeds.masked_scatter(video_mask.unsqueeze(-1).expand_as(embeds), repeated)
-    hidden = hf_model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions,
+        encoded["video"] = video_encodings(hf_model, vision_inputs, copies=videos_per_row)
+    hidden = hf_model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs=encoded,
                             use_cache=False).last_hidden_state
     logps = head_logprobs(hf_model, hidden[row, source], targets, fused)
     sums = torch.zeros(len(rows), device=device, dtype=torch.float32).index_add(0, owner, logps)

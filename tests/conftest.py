@@ -22,9 +22,31 @@ def load_stage(filename):
     return module
 
 
+import tiny_model  # noqa: E402  (after the sys.path line above)
+
+# The models the per-model tests run on: the tiny defaults, then the tiny twin of every real
+# checkpoint folder on this machine ("real:NAME", see tiny_model.real_processor_folders).
+
+
+def renders_chat(folder):
+    """Whether a real folder's chat template renders chat messages (a base checkpoint's does not)."""
+    from transformers import AutoProcessor
+    turn = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What happens?"}]}]
+    text = AutoProcessor.from_pretrained(folder).apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    return "What happens?" in text
+
+
+REAL_FOLDERS = tiny_model.real_processor_folders()
+TWINS = [f"real:{name}" for name, folder in REAL_FOLDERS.items() if renders_chat(folder)]
+NOT_CHAT_TWINS = [f"real:{name}" for name in REAL_FOLDERS if f"real:{name}" not in TWINS]
+MODELS = list(tiny_model.ARCHS) + TWINS
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    """{arch: folder} for a tiny Qwen2-VL and a tiny LLaVA-OneVision."""
-    import tiny_model
+    """{name: folder}: a tiny Qwen2-VL and LLaVA-OneVision, and the tiny twins of the real folders."""
     root = tmp_path_factory.mktemp("models")
-    return {arch: tiny_model.build(str(root / arch), arch=arch) for arch in tiny_model.ARCHS}
+    models = {arch: tiny_model.build(str(root / arch), arch=arch) for arch in tiny_model.ARCHS}
+    for name, folder in REAL_FOLDERS.items():
+        models[f"real:{name}"] = tiny_model.build_like(str(root / f"real-{name}"), folder)
+    return models

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, load_stage
+from conftest import MODELS, REPO, load_stage
 from videos import frames_for, write_video
 
 evaluation = load_stage("06_eval.py")
@@ -112,13 +112,14 @@ def benches(tmp_path_factory):
     return {"video": video, "t3": t3}
 
 
-def test_loglik_picks_the_option_the_logits_favour(tiny_models, benches):
+@pytest.mark.parametrize("arch", MODELS)
+def test_loglik_picks_the_option_the_logits_favour(tiny_models, benches, arch):
     """With the logits of "C" and of "yes" raised by construction, every multiple-choice item is
     scored C and every yes/no item yes, whatever the prompt lengths and left padding."""
-    model, processor = evaluation.load_model(tiny_models["qwen2_vl"], four_bit=False, device=torch.device("cpu"))
+    model, processor = evaluation.load_model(tiny_models[arch], four_bit=False, device=torch.device("cpu"))
     model.eval()
     favoured = [processor.tokenizer(w, add_special_tokens=False)["input_ids"][0] for w in ("C", "yes")]
-    hook = model.lm_head.register_forward_hook(lambda module, inputs, logits: logits.index_add(
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, inputs, logits: logits.index_add(
         -1, torch.tensor(favoured), torch.full(logits.shape[:-1] + (2,), 50.0)))
     args = evaluation.parse_args(["--model", "m", "--bench", "b", "--out", "o", "--num-frames", "4"])
     _, _, video_items, _ = evaluation.read_bench(benches["video"], "auto", None, None)

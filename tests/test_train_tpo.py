@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, load_stage
+from conftest import MODELS, REPO, load_stage
 from videos import frames_for, write_video
 
 tpo = load_stage("05_train_tpo.py")
@@ -92,7 +92,7 @@ def pairs_file(tmp_path_factory):
 
 
 @pytest.mark.parametrize("shared_prompt", [True, False], ids=["packed", "two-sequences"])
-@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("arch", MODELS)
 def test_shared_vision_pass_equals_the_models_own_forward(tiny_models, pairs_file, arch, shared_prompt):
     """rows_logps (vision once, response-only head, fused kernel; packed or not) == log-softmax of the
     model's plain forward over each sequence alone."""
@@ -102,7 +102,7 @@ def test_shared_vision_pass_equals_the_models_own_forward(tiny_models, pairs_fil
     pairs[1] = dict(pairs[1], chosen="A much longer answer about the square and where it goes next.")
     encoded = [tpo.encode_pair(processor, p, 8) for p in pairs]
     calls = []
-    tower = model.model.visual if arch == "qwen2_vl" else model.model.vision_tower
+    tower = model.model.visual if hasattr(model.model, "visual") else model.model.vision_tower
     hook = tower.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
         sums, counts = tpo.rows_logps(model, processor, encoded, torch.device("cpu"), shared_prompt=shared_prompt)
@@ -290,7 +290,7 @@ def test_fused_logprobs_skip_a_frozen_head_and_match_the_pytorch_path(monkeypatc
     torch.testing.assert_close(torch_grad, triton_grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+@pytest.mark.parametrize("arch", MODELS)
 def test_packed_pairs_equal_two_sequences_with_gradients(tiny_models, pairs_file, arch):
     """[prompt, chosen, rejected] in one row gives the same log-probs, and the same LoRA gradients,
     as chosen and rejected run as two sequences."""

@@ -5,7 +5,14 @@ AutoProcessor.from_pretrained and needs no network: the BPE tokenizer is trained
 with `tokenizers` on text that stage 01 synthesizes, so the words of the temporal tasks
 are whole tokens and losses and generations mean something.
 
+With --like DIR it instead writes the tiny twin of a real checkpoint: DIR is the folder of a
+real model without its weights (config, tokenizer, chat template and processor files, as users
+have after downloading one). The twin keeps DIR's architecture, vocabulary size, special token
+ids and vision patch settings, shrinks every width and depth, and carries DIR's own tokenizer,
+chat template and processor files unchanged, so the stages see the real tokens and templates.
+
 Usage: python tests/tiny_model.py OUT_DIR [--arch qwen2_vl|llava_onevision] [--hidden 64] [--layers 2]
+       python tests/tiny_model.py OUT_DIR --like DIR [--hidden 64] [--layers 2]
 """
 import argparse
 import importlib.util
@@ -24,7 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAME_SIDE = 56  # Qwen2-VL: 56x56 pixels = 2x2 merged tokens per temporal patch
 
 # A ChatML template that accepts {"type": "video"} / {"type": "image"} / {"type": "text"} parts.
-CHAT_TEMPLATE = """{%- for message in messages -%}
+# SYSTEM is where Qwen-VL's template opens with its default system turn when none is given.
+CHAT_TEMPLATE = """SYSTEM{%- for message in messages -%}
 <|im_start|>{{ message['role'] }}
 {% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}\
 {% if part['type'] == 'video' %}VIDEO{% elif part['type'] == 'image' %}IMAGE{% else %}{{ part['text'] }}{% endif %}\
@@ -32,9 +40,12 @@ CHAT_TEMPLATE = """{%- for message in messages -%}
 {% endfor -%}
 {%- if add_generation_prompt %}<|im_start|>assistant
 {% endif -%}"""
-MEDIA = {
-    "qwen2_vl": {"VIDEO": "<|vision_start|><|video_pad|><|vision_end|>", "IMAGE": "<|vision_start|><|image_pad|><|vision_end|>"},
-    "llava_onevision": {"VIDEO": "<video>\n", "IMAGE": "<image>\n"},
+QWEN_DEFAULT_SYSTEM = ("{%- if messages[0]['role'] != 'system' -%}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                       "{% endif -%}")
+TEMPLATE_PARTS = {
+    "qwen2_vl": {"SYSTEM": QWEN_DEFAULT_SYSTEM, "VIDEO": "<|vision_start|><|video_pad|><|vision_end|>",
+                 "IMAGE": "<|vision_start|><|image_pad|><|vision_end|>"},
+    "llava_onevision": {"SYSTEM": "", "VIDEO": "<video>\n", "IMAGE": "<image>\n"},
 }
 SPECIAL = {
     "qwen2_vl": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
@@ -55,6 +66,9 @@ def synthesize_corpus(num_records=1500, seed=0):
     corpus += captions
     corpus += ["system user assistant You are a helpful assistant. Describe the video. What happens in this segment? "
                "Which answer is better? Answer yes or no. The question, the caption and the answer."] * 20
+    # Replies as real vocabularies hold them: a letter, yes and no are single tokens with and
+    # without a leading space, so scoring reads one token per reply as it does on a real model.
+    corpus += [" ".join(["A", "B", "C", "D", "E", "yes", "no", "Yes", "No"] * 2) + "\nA\nB\nC\nD\nE\nyes\nno\nYes\nNo"] * 300
     return corpus
 
 
@@ -66,7 +80,7 @@ def train_tokenizer(arch, corpus, vocab_size):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(corpus, trainer)
     template = CHAT_TEMPLATE
-    for placeholder, text in MEDIA[arch].items():
+    for placeholder, text in TEMPLATE_PARTS[arch].items():
         template = template.replace(placeholder, text)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                    chat_template=template)
@@ -139,12 +153,104 @@ def build(out_dir, arch="qwen2_vl", hidden=64, layers=2, vocab_size=1024, seed=0
         model.lm_head.weight.mul_(10.0)
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return write_atomically(out_dir, write)
+
+
+# Files of a real checkpoint that are not its processor: the twin writes its own config and weights.
+NOT_PROCESSOR_FILES = ("config.json", "generation_config.json", "SOURCE.md", "README.md")
+NOT_PROCESSOR_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".index.json", ".gguf")
+
+
+def shrink_text_config(text, hidden, layers):
+    """The language model at width `hidden` and depth `layers`, with the same vocabulary, special
+    token ids, attention layout (grouped queries, rotary sections in proportion) and layer kinds."""
+    heads = max(2, hidden // 16)
+    head_dim = hidden // heads
+    old_half = (getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads) // 2
+    text.hidden_size, text.intermediate_size, text.num_hidden_layers = hidden, 2 * hidden, layers
+    text.num_attention_heads, text.num_key_value_heads = heads, max(1, heads // 2)
+    if getattr(text, "head_dim", None):
+        text.head_dim = head_dim
+    if getattr(text, "max_window_layers", None) is not None:
+        text.max_window_layers = layers
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[:layers]
+    ropes = {id(r): r for r in (getattr(text, "rope_parameters", None), getattr(text, "rope_scaling", None))
+             if isinstance(r, dict)}  # one dict under two names in some configs: scale it once
+    for rope in ropes.values():
+        if rope.get("mrope_section"):
+            rope["mrope_section"] = scale_sections(rope["mrope_section"], old_half, head_dim // 2)
+
+
+def scale_sections(sections, old_total, new_total):
+    """Rotary sections (time, height, width) rescaled to a new number of frequencies, each kept >= 1."""
+    scaled = [max(1, round(s * new_total / old_total)) for s in sections]
+    scaled[0] += new_total - sum(scaled)
+    return scaled
+
+
+def shrink_vision_config(vision, out_width):
+    """A 2-layer vision tower 32 wide that keeps the patch, merge and image-size settings (so the
+    processor's token counts are the real ones) and hands `out_width` features to the LLM."""
+    for depth in ("depth", "num_hidden_layers"):
+        if hasattr(vision, depth):
+            setattr(vision, depth, 2)
+    for heads in ("num_heads", "num_attention_heads"):
+        if hasattr(vision, heads):
+            setattr(vision, heads, 2)
+    if hasattr(vision, "out_hidden_size"):  # Qwen2.5-VL, Qwen3-VL: hidden inside, out_hidden to the LLM
+        vision.hidden_size, vision.out_hidden_size = 32, out_width
+    elif hasattr(vision, "embed_dim"):  # Qwen2-VL: embed_dim inside, hidden_size to the LLM
+        vision.embed_dim, vision.hidden_size = 32, out_width
+    else:  # SigLIP, CLIP: a projector in the VLM maps to the LLM
+        vision.hidden_size = 32
+    if hasattr(vision, "intermediate_size"):
+        vision.intermediate_size = 64
+    if getattr(vision, "fullatt_block_indexes", None):
+        vision.fullatt_block_indexes = [1]  # one windowed and one full-attention block, as the real mix
+    if getattr(vision, "deepstack_visual_indexes", None):
+        vision.deepstack_visual_indexes = [0]
+
+
+def build_like(out_dir, like_dir, hidden=64, layers=2, seed=0):
+    """Write the tiny twin of the real checkpoint folder `like_dir` to out_dir (atomically)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
+    torch.manual_seed(seed)
+    config = AutoConfig.from_pretrained(like_dir)
+    config.quantization_config = None  # a quantized release (AWQ, GPTQ) ships the same processor; the twin is plain
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    text = config.get_text_config()
+    shrink_text_config(text, hidden, layers)
+    if getattr(config, "vision_config", None) is not None:
+        shrink_vision_config(config.vision_config, hidden)
+    model = AutoModelForImageTextToText.from_config(config)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(10.0)  # logits of a trained model's range (see build)
+    if os.path.exists(os.path.join(like_dir, "generation_config.json")):
+        model.generation_config = GenerationConfig.from_pretrained(like_dir)
+    AutoProcessor.from_pretrained(like_dir)  # fail here, not in a stage, if the processor does not load
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        for name in os.listdir(like_dir):
+            path = os.path.join(like_dir, name)
+            if os.path.isfile(path) and name not in NOT_PROCESSOR_FILES and not name.endswith(NOT_PROCESSOR_SUFFIXES):
+                shutil.copyfile(path, os.path.join(tmp, name))
+    return write_atomically(out_dir, write)
+
+
+def write_atomically(out_dir, write):
+    """Call write(tmp) on a fresh folder beside out_dir, then move it into place."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tiny-model-")
     try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
+        write(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
@@ -152,6 +258,16 @@ def build(out_dir, arch="qwen2_vl", hidden=64, layers=2, vocab_size=1024, seed=0
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def real_processor_folders():
+    """{name: folder} of the real checkpoint folders (without weights) this machine has: the
+    subfolders of $REAL_PROCESSORS, else of ../shared/real-processors beside the repository."""
+    root = os.environ.get("REAL_PROCESSORS") or os.path.join(os.path.dirname(REPO), "shared", "real-processors")
+    if not os.path.isdir(root):
+        return {}
+    return {name: os.path.join(root, name) for name in sorted(os.listdir(root))
+            if os.path.isfile(os.path.join(root, name, "config.json"))}
 
 
 def main():
@@ -162,9 +278,17 @@ def main():
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--vocab-size", type=int, default=1024)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--like", metavar="DIR", help="a real checkpoint's folder (weights not needed): build its tiny twin, "
+                   "with its own tokenizer, chat template and processor (--arch and --vocab-size are then unused)")
     args = p.parse_args()
-    build(args.out_dir, args.arch, args.hidden, args.layers, args.vocab_size, args.seed)
-    print(f"wrote a tiny {args.arch} model to {args.out_dir}")
+    if args.like:
+        if not os.path.isfile(os.path.join(args.like, "config.json")):
+            p.error(f"{args.like}: no config.json; give the folder of a real checkpoint")
+        build_like(args.out_dir, args.like, args.hidden, args.layers, args.seed)
+        print(f"wrote the tiny twin of {args.like} to {args.out_dir}")
+    else:
+        build(args.out_dir, args.arch, args.hidden, args.layers, args.vocab_size, args.seed)
+        print(f"wrote a tiny {args.arch} model to {args.out_dir}")
 
 
 if __name__ == "__main__":
