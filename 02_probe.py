@@ -172,6 +172,7 @@ def run_main(main):
 
 # ---- shared: model (identical copies in every stage that loads a model) ----
 VISION_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
+TESTED_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")  # README: "Models"
 
 
 def pick_device():
@@ -203,6 +204,9 @@ def load_model(path, four_bit=True, device=None, dtype=None):
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
     check_chat_template(processor, path)
+    if model.config.model_type not in TESTED_ARCHITECTURES:
+        tqdm.write(f"warning: {path}: {model.config.model_type} is not among the architectures the stages are tested "
+                   f"on ({', '.join(TESTED_ARCHITECTURES)}); check its prompts and numbers", file=sys.stderr)
     keep_4bit_layout(model)
     return model, processor
 
@@ -256,9 +260,19 @@ def check_video_input(processor, frames, path):
     if video_processor is None or frames is None:
         return
     try:
-        video_processor(videos=[frames], return_tensors="pt")
+        video_processor(videos=[frames], return_tensors="pt", **video_timing([frames]))
     except Exception as e:
         raise InputError(f"{path}: the model's video processor cannot take it ({str(e).splitlines()[0][:150]})") from None
+
+
+def video_timing(videos):
+    """Processor arguments for frames a stage chose: take them all (no resampling of the processor's
+    own), and when each was shown, where every video is a Clip that knows (else processors assume
+    24 fps: Qwen3-VL would then drop frames and write wrong timestamps)."""
+    if not videos:
+        return {}
+    metadata = [getattr(video, "metadata", None) for video in videos]
+    return {"do_sample_frames": False, **({"video_metadata": metadata} if None not in metadata else {})}
 
 
 def keep_4bit_layout(model):
@@ -299,7 +313,8 @@ def encode(processor, messages, video=None):
             raise ValueError("the chat template does not render turns as prefixes of each other")
         prompt_piece, answer_piece = prompt[len(rendered):], full[len(prompt):]
         if not rendered:
-            batch = processor(text=[prompt_piece], videos=[video] if video is not None else None, return_tensors="pt")
+            videos = [video] if video is not None else None
+            batch = processor(text=[prompt_piece], videos=videos, return_tensors="pt", **video_timing(videos))
             piece = batch.pop("input_ids")[0].tolist()
             batch.pop("attention_mask", None)
             for key, value in batch.items():  # token-aligned (e.g. mm_token_type_ids) or per-video tensors
@@ -345,21 +360,36 @@ _decoder = {"process": None, "conn": None, "served": 0}
 decode_warnings = {}  # video path -> what went wrong decoding it (each printed once)
 
 
+class Clip(np.ndarray):
+    """Decoded frames [T, H, W, 3] uint8 that remember when they were shown (`metadata`: the video's
+    fps, the frame indices, its frame count), so a processor can tell the model real times:
+    Qwen2.5-VL's rotary time ids and Qwen3-VL's timestamps in the text. A slice or copy forgets."""
+
+    def __new__(cls, frames, fps, indices, total):
+        clip = np.asarray(frames).view(cls)
+        clip.metadata = {"fps": fps, "frames_indices": list(indices), "total_num_frames": total}
+        return clip
+
+    def __array_finalize__(self, obj):
+        self.metadata = None
+
+
 def sample_frames(path, num_frames, indices=None):
     """uint8 frames [T, H, W, 3]: `num_frames` spread uniformly over the video, or exactly `indices`."""
     return read_frames(path, num_frames, indices)[0]
 
 
 def read_frames(path, num_frames=0, indices=None):
-    """(frames [T, H, W, 3] uint8, the frame index each shows). A frame that does not decode is
-    replaced by the nearest one that does (a uniform pick is spread over the decodable frames
-    instead), with a one-line warning per video; a video with no decodable frame, or one that
-    takes over DECODE_TIMEOUT seconds, is an InputError. The same file always gives the same frames."""
-    frames, shown, note = _ask_decoder(path, ("frames", path, num_frames, indices))
+    """(frames [T, H, W, 3] uint8, a Clip where the video's fps is known; the frame index each shows).
+    A frame that does not decode is replaced by the nearest one that does (a uniform pick is spread
+    over the decodable frames instead), with a one-line warning per video; a video with no decodable
+    frame, or one that takes over DECODE_TIMEOUT seconds, is an InputError. The same file always
+    gives the same frames."""
+    frames, shown, note, fps, total = _ask_decoder(path, ("frames", path, num_frames, indices))
     if note and path not in decode_warnings:
         decode_warnings[path] = note
         tqdm.write(f"warning: {path}: {note}", file=sys.stderr)
-    return frames, shown
+    return (Clip(frames, fps, shown, total) if fps else frames), shown
 
 
 def video_length(path):
@@ -425,16 +455,16 @@ def _decoder_loop(conn):
 
 
 def _decode(path, num_frames, indices):
-    """(frames, indices shown, note). decord reads exactly the asked frames of a healthy video; if it
-    fails in any way, every frame is decoded in order with PyAV (deterministic, where decord's
-    read-ahead makes the failures of a damaged file vary from run to run)."""
+    """(frames, indices shown, note, fps or None, frame count). decord reads exactly the asked frames
+    of a healthy video; if it fails in any way, every frame is decoded in order with PyAV
+    (deterministic, where decord's read-ahead makes the failures of a damaged file vary from run to run)."""
     pick = (lambda total: list(indices)) if indices is not None else (lambda total: uniform_indices(total, num_frames))
     try:
         import decord
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         wanted = pick(len(reader))
         if wanted and 0 <= min(wanted) and max(wanted) < len(reader):
-            return reader.get_batch(wanted).asnumpy(), wanted, None
+            return reader.get_batch(wanted).asnumpy(), wanted, None, reader.get_avg_fps() or None, len(reader)
     except Exception:
         pass
     total, decodable = _decodable_frames(path)
@@ -451,7 +481,15 @@ def _decode(path, num_frames, indices):
         else:
             wanted = [i if i in decodable else min(ordered, key=lambda d: (abs(d - i), d)) for i in wanted]
             note = f"{len(ordered)} of {total} frames decode; frames {missing[:8]} replaced by the nearest that decode"
-    return _frames_at(path, wanted), wanted, note
+    return _frames_at(path, wanted), wanted, note, _fps(path), total
+
+
+def _fps(path):
+    """The container's frame rate, or None where it does not say."""
+    import av
+    with av.open(path) as container:
+        rate = container.streams.video[0].average_rate
+    return float(rate) if rate else None
 
 
 def _length(path):
@@ -559,7 +597,7 @@ def chat_inputs(processor, requests, device):
         add_generation_prompt=True, tokenize=False) for frames, text in requests]
     videos = [frames for frames, _ in requests if frames is not None] or None
     processor.tokenizer.padding_side = "left"
-    return processor(text=texts, videos=videos, padding=True, return_tensors="pt").to(device)
+    return processor(text=texts, videos=videos, padding=True, return_tensors="pt", **video_timing(videos)).to(device)
 # ---- end shared: chat ----
 
 
@@ -871,7 +909,7 @@ def frame_features(model, processor, videos, device):
     """[videos, temporal units, width]: what the model puts into its video tokens (its own
     get_video_features), mean-pooled over space. A unit is a frame, or a group of frames where
     the vision tower merges time (Qwen2-VL: 2); trailing separator rows are left out."""
-    inputs = processor.video_processor(videos=list(videos), return_tensors="pt")
+    inputs = processor.video_processor(videos=list(videos), return_tensors="pt", **video_timing(list(videos)))
     get = model.model.get_video_features
     params = inspect.signature(get).parameters
     kwargs = {k: v.to(device) for k, v in inputs.items() if k in params}

@@ -11,6 +11,7 @@ import filecmp
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoProcessor
 
-from conftest import NOT_CHAT_TWINS, REAL_FOLDERS, REPO, TWINS, load_stage
+from conftest import MODELS, NOT_CHAT_TWINS, REAL_FOLDERS, REPO, TWINS, load_stage
 from videos import frames_for, write_video
 
 t3 = load_stage("03_train_t3.py")
@@ -82,6 +83,28 @@ def adapters(tiny_models, t3_data, tmp_path_factory):
             made[twin] = out
         return made[twin]
     return adapter
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_the_model_sees_every_chosen_frame_and_when_it_was_shown(tiny_models, arch, tmp_path):
+    """The processor keeps the stage's frames (Qwen3-VL's would resample them, at an assumed 24 fps)
+    and learns their real times: Qwen2.5-VL's seconds per temporal patch, Qwen3-VL's timestamps."""
+    write_video(tmp_path / "v.mp4", frames_for(40, seed=1), fps=8)
+    frames = t3.sample_frames(str(tmp_path / "v.mp4"), 8)
+    assert frames.metadata == {"fps": 8.0, "frames_indices": [2, 7, 12, 17, 22, 27, 32, 37], "total_num_frames": 40}
+    processor = AutoProcessor.from_pretrained(tiny_models[arch])
+    inputs = evaluation.chat_inputs(processor, [(frames, "What happens?")], torch.device("cpu"))
+    patch = getattr(processor.video_processor, "temporal_patch_size", 1)
+    if "video_grid_thw" in inputs:
+        assert inputs["video_grid_thw"][0, 0].item() * patch == 8
+    else:
+        assert inputs["pixel_values_videos"].shape[1] == 8
+    if "second_per_grid_ts" in inputs:  # Qwen2.5-VL: 2 frames 5 apart at 8 fps
+        assert inputs["second_per_grid_ts"].tolist() == [pytest.approx(patch * 5 / 8)]
+    stamps = re.findall(r"<([0-9.]+) seconds>", processor.tokenizer.decode(inputs["input_ids"][0]))
+    if stamps:  # Qwen3-VL: the mean time of each temporal patch's frames
+        times = [i / 8 for i in frames.metadata["frames_indices"]]
+        assert [float(x) for x in stamps] == pytest.approx([sum(times[i:i + patch]) / patch for i in range(0, 8, patch)], abs=0.06)
 
 
 @pytest.mark.parametrize("twin", TWINS)
