@@ -221,6 +221,8 @@ def load_model(path, four_bit=True, device=None, dtype=None):
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
     check_chat_template(processor, path)
+    if hasattr(getattr(processor, "video_processor", None), "cap_pixels_per_frame"):
+        processor.video_processor.cap_pixels_per_frame = True  # Qwen-VL: bound a video's pixels as qwen-vl-utils does
     if model.config.model_type not in TESTED_ARCHITECTURES:
         tqdm.write(f"warning: {path}: {model.config.model_type} is not among the architectures the stages are tested "
                    f"on ({', '.join(TESTED_ARCHITECTURES)}); check its prompts and numbers", file=sys.stderr)
@@ -502,11 +504,14 @@ def _decode(path, num_frames, indices):
 
 
 def _fps(path):
-    """The container's frame rate, or None where it does not say."""
+    """The container's frame rate, or None where it does not say (the frames are used either way)."""
     import av
-    with av.open(path) as container:
-        rate = container.streams.video[0].average_rate
-    return float(rate) if rate else None
+    try:
+        with av.open(path) as container:
+            rate = container.streams.video[0].average_rate
+        return float(rate) if rate else None
+    except Exception:
+        return None
 
 
 def _length(path):

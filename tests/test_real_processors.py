@@ -238,3 +238,17 @@ def test_a_base_checkpoint_is_refused_in_one_line_by_every_stage(base_checkpoint
         lines = capsys.readouterr().err.strip().splitlines()
         assert lines[-1].startswith(f"error: {model}: its chat template does not render a chat turn with a video"), \
             (script, lines[-1:])
+
+
+def test_stage_05_names_an_architecture_without_a_video_encoder(tiny_models, tmp_path, monkeypatch, capsys):
+    """A model that reads videos as images (SmolVLM2 has no get_video_features) stops 05 in one line."""
+    from transformers import Qwen2VLModel
+    tpo = load_stage("05_train_tpo.py")
+    monkeypatch.delattr(Qwen2VLModel, "get_video_features")
+    monkeypatch.setattr(sys, "argv", ["05_train_tpo.py", "--model", tiny_models["qwen2_vl"], "--pairs",
+                                      str(write_pairs(tmp_path, count=1)), "--out", str(tmp_path / "out"), "--max-steps", "1"])
+    with pytest.raises(SystemExit) as exit_status:
+        tpo.run_main(tpo.main)
+    assert exit_status.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"error: {tiny_models['qwen2_vl']}: qwen2_vl has no video encoder (get_video_features)"), last

@@ -74,6 +74,7 @@ def test_a_damaged_video_gives_the_same_decodable_frames_every_time(broken, name
     assert shown == sorted(shown) and len(set(shown)) == 8 and shown[-1] < 40  # spread over the part that decodes
     for again, again_shown in reads[1:]:
         assert again_shown == shown and (again == frames).all()
+    assert frames.metadata["frames_indices"] == shown and frames.metadata["fps"] > 0  # the times the model is told
     warnings = [line for line in capfd.readouterr().err.splitlines() if line.strip()]
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: {broken[name]}: ") and "frames decode" in warnings[0]
     # asked-for frames that do not decode become the nearest ones that do, in place
