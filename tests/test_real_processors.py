@@ -155,15 +155,14 @@ def test_stage_04_replies_end_at_every_stop_token_of_the_checkpoint(tiny_models,
         assert pairs_stage.generate(model, processor, requests, args, torch.device("cpu")) == [("Yes", False)] * 2
 
 
-@pytest.mark.parametrize("twin", TWINS)
+@pytest.mark.parametrize("twin", MODELS)
 def test_judge_and_scoring_tokens_are_the_letters_the_model_is_trained_to_write(tiny_models, twin):
     """The token ids 04's judge and 06's scoring read are the letter, yes or no, decoded as such,
     and the first token of that reply as stage 03 trains it under the real chat template."""
     processor = AutoProcessor.from_pretrained(tiny_models[twin])
     tokenizer = processor.tokenizer
     scored = evaluation.reply_token_ids(tokenizer, ["A. x", "B. y", "C. z"]) + evaluation.reply_token_ids(tokenizer, ["yes", "no"])
-    assert [[tokenizer.decode([i]) for i in ids] for ids in scored] == [["A"], ["B"], ["C"], ["yes", "Yes"], ["no", "No"]] or \
-        [sorted(tokenizer.decode([i]) for i in ids) for ids in scored] == [["A"], ["B"], ["C"], ["Yes", "yes"], ["No", "no"]]
+    assert [sorted(tokenizer.decode([i]) for i in ids) for ids in scored] == [["A"], ["B"], ["C"], ["Yes", "yes"], ["No", "no"]]
     for reply, ids in zip(["A", "B", "C", "yes", "no"], scored):
         turns = [{"from": "human", "value": "Which one?"}, {"from": "gpt", "value": reply}]
         example = t3.encode(processor, t3.chat_messages(turns))
