@@ -221,9 +221,8 @@ def build_like(out_dir, like_dir, hidden=64, layers=2, seed=0):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
     torch.manual_seed(seed)
     config = AutoConfig.from_pretrained(like_dir)
-    config.quantization_config = None  # a quantized release (AWQ, GPTQ) ships the same processor; the twin is plain
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
+    if hasattr(config, "quantization_config"):  # a quantized release (AWQ, GPTQ) ships the same processor;
+        del config.quantization_config  # the twin is plain
     text = config.get_text_config()
     shrink_text_config(text, hidden, layers)
     if getattr(config, "vision_config", None) is not None:
