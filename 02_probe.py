@@ -914,7 +914,8 @@ def frame_features(model, processor, videos, device):
     """[videos, temporal units, width]: what the model puts into its video tokens (its own
     get_video_features), mean-pooled over space. A unit is a frame, or a group of frames where
     the vision tower merges time (Qwen2-VL: 2); trailing separator rows are left out."""
-    inputs = processor.video_processor(videos=list(videos), return_tensors="pt", **video_timing(list(videos)))
+    videos = list(videos)
+    inputs = processor.video_processor(videos=videos, return_tensors="pt", **video_timing(videos))
     get = model.model.get_video_features
     params = inspect.signature(get).parameters
     kwargs = {k: v.to(device) for k, v in inputs.items() if k in params}
