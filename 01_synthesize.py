@@ -87,97 +87,6 @@ def _split_list(values, allowed, what, parser):
     return list(dict.fromkeys(items))
 
 
-# ---- shared: io (identical copies in every stage; tests/test_shared_blocks.py) ----
-class InputError(Exception):
-    """Bad user input; main() prints it as one line and exits non-zero."""
-
-
-def read_jsonl(path):
-    """Yield (line_number, record) for every non-blank line; InputError names file and line."""
-    check_input_file(path)
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise InputError(f"{path}:{number}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object")
-            yield number, record
-
-
-def read_text(path):
-    """A whole text file (UTF-8; a byte-order mark is allowed); InputError names the first line that is not UTF-8."""
-    check_input_file(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text") from None
-
-
-def check_input_file(path):
-    """InputError unless `path` is a file this project can read as text (not a folder, gzip or Parquet)."""
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not a file")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] == b"\x1f\x8b":
-        raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
-    if magic == b"PAR1":
-        raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
-    if b"\x00" in magic:
-        raise InputError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 or binary); save it as UTF-8")
-
-
-def make_out_dir(path):
-    """Create the output folder (and its parents); InputError if `path` is an existing file."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"{path}: exists and is not a folder; --out takes a folder")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-@contextmanager
-def atomic_write(path, mode="w"):
-    """Write to a temp file beside `path` and rename it into place only on success."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def run_main(main):
-    """Run main(); turn InputError into one line on stderr and exit status 2."""
-    try:
-        main()
-    except InputError as e:
-        for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
-            bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-# ---- end shared: io ----
-
-
 # ---------------------------------------------------------------- captions in
 
 def load_caption_file(path):
@@ -838,6 +747,97 @@ def main():
     with atomic_write(os.path.join(args.out, "stats.json")) as f:
         json.dump(stats, f, indent=2)
     print(f"wrote {args.num_train} training and {args.num_val} validation records to {args.out}")
+
+
+# ---- shared: io (user input, JSONL, atomic writes) ----
+class InputError(Exception):
+    """Bad user input; main() prints it as one line and exits non-zero."""
+
+
+def read_jsonl(path):
+    """Yield (line_number, record) for every non-blank line; InputError names file and line."""
+    check_input_file(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{number}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object")
+            yield number, record
+
+
+def read_text(path):
+    """A whole text file (UTF-8; a byte-order mark is allowed); InputError names the first line that is not UTF-8."""
+    check_input_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def check_input_file(path):
+    """InputError unless `path` is a file this project can read as text (not a folder, gzip or Parquet)."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
+    if magic == b"PAR1":
+        raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+    if b"\x00" in magic:
+        raise InputError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 or binary); save it as UTF-8")
+
+
+def make_out_dir(path):
+    """Create the output folder (and its parents); InputError if `path` is an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: exists and is not a folder; --out takes a folder")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_write(path, mode="w"):
+    """Write to a temp file beside `path` and rename it into place only on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_main(main):
+    """Run main(); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except InputError as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
+            bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+# ---- end shared: io ----
 
 
 if __name__ == "__main__":

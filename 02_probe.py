@@ -79,653 +79,6 @@ def parse_args(argv=None):
     return args
 
 
-# ---- shared: io (identical copies in every stage; tests/test_shared_blocks.py) ----
-class InputError(Exception):
-    """Bad user input; main() prints it as one line and exits non-zero."""
-
-
-def read_jsonl(path):
-    """Yield (line_number, record) for every non-blank line; InputError names file and line."""
-    check_input_file(path)
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError:
-                raise InputError(f"{path}:{number}: not UTF-8 text") from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict):
-                raise InputError(f"{path}:{number}: expected a JSON object")
-            yield number, record
-
-
-def read_text(path):
-    """A whole text file (UTF-8; a byte-order mark is allowed); InputError names the first line that is not UTF-8."""
-    check_input_file(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text") from None
-
-
-def check_input_file(path):
-    """InputError unless `path` is a file this project can read as text (not a folder, gzip or Parquet)."""
-    if os.path.isdir(path):
-        raise InputError(f"{path}: is a directory, not a file")
-    if not os.path.isfile(path):
-        raise InputError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic[:2] == b"\x1f\x8b":
-        raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
-    if magic == b"PAR1":
-        raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
-    if b"\x00" in magic:
-        raise InputError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 or binary); save it as UTF-8")
-
-
-def make_out_dir(path):
-    """Create the output folder (and its parents); InputError if `path` is an existing file."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise InputError(f"{path}: exists and is not a folder; --out takes a folder")
-    os.makedirs(path, exist_ok=True)
-    return path
-
-
-@contextmanager
-def atomic_write(path, mode="w"):
-    """Write to a temp file beside `path` and rename it into place only on success."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def run_main(main):
-    """Run main(); turn InputError into one line on stderr and exit status 2."""
-    try:
-        main()
-    except InputError as e:
-        for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
-            bar.close()
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-# ---- end shared: io ----
-
-
-# ---- shared: model (identical copies in every stage that loads a model) ----
-VISION_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
-TESTED_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")  # README: "Models"
-
-
-def pick_device():
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def load_model(path, four_bit=True, device=None, dtype=None):
-    """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
-    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU (or `dtype`)."""
-    import logging
-    import warnings
-    # Library notices a user cannot act on: bitsandbytes' hint to install an optional CPU kernel
-    # package, and transformers' renames of gradient_checkpointing_* that peft still calls.
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)
-    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
-    device = device or pick_device()
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    quantization = BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
-    cached_only = check_model_path(path)
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=cached_only)
-        model = AutoModelForImageTextToText.from_pretrained(
-            path, dtype=dtype, quantization_config=quantization, device_map={"": device}, local_files_only=cached_only)
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
-    check_chat_template(processor, path)
-    if hasattr(getattr(processor, "video_processor", None), "cap_pixels_per_frame"):
-        processor.video_processor.cap_pixels_per_frame = True  # Qwen-VL: bound a video's pixels as qwen-vl-utils does
-    if model.config.model_type not in TESTED_ARCHITECTURES:
-        tqdm.write(f"warning: {path}: {model.config.model_type} is not among the architectures the stages are tested "
-                   f"on ({', '.join(TESTED_ARCHITECTURES)}); check its prompts and numbers", file=sys.stderr)
-    keep_4bit_layout(model)
-    return model, processor
-
-
-def check_chat_template(processor, path):
-    """InputError unless the processor's chat template renders a user turn holding a video and a
-    question: a base (not chat) checkpoint, whose template ignores chat messages, or a processor
-    without videos fails here in one line instead of prompting the model with the wrong text."""
-    question = "Which event happens first?"
-    turn = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
-    try:
-        text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
-    except Exception as e:
-        raise InputError(f"{path}: its chat template cannot render a video question ({str(e).splitlines()[0][:150]})") from None
-    video_token = getattr(processor, "video_token", None)
-    if question not in text or not video_token or video_token not in text:
-        raise InputError(f"{path}: its chat template does not render a chat turn with a video ({type(processor).__name__}); "
-                         "give an instruction-tuned checkpoint that takes videos")
-
-
-def check_model_path(path):
-    """Fail in seconds, in one line, where transformers would retry the hub for minutes: a local path
-    that does not exist, or a hub id with the hub out of reach and no cached copy. Returns whether
-    to load from the cache only (a cached hub model while the hub is out of reach)."""
-    if os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        return False
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path.split("/")[0])
-    if os.path.isfile(path):
-        raise InputError(f"{path}: a file, not a model folder")
-    if looks_local or os.path.exists(path):
-        raise InputError(f"{path}: no such model folder")
-    from huggingface_hub import model_info, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-    try:
-        model_info(path, timeout=10)
-        return False
-    except GatedRepoError:
-        return False  # it exists; transformers says what access it needs
-    except RepositoryNotFoundError:
-        raise InputError(f"{path}: no such model folder, nor a model on the hub") from None
-    except Exception:  # the hub is out of reach
-        if isinstance(try_to_load_from_cache(path, "config.json"), str):
-            return True
-        raise InputError(f"{path}: no such model folder, and the hub is out of reach to download it") from None
-
-
-def check_video_input(processor, frames, path):
-    """InputError if the model's video processor refuses these frames (e.g. Qwen-VL's aspect-ratio
-    limit of 200:1), so such a video is skipped like one that does not decode, not a crash mid-batch."""
-    video_processor = getattr(processor, "video_processor", None)
-    if video_processor is None or frames is None:
-        return
-    try:
-        video_processor(videos=[frames], return_tensors="pt", **video_timing([frames]))
-    except Exception as e:
-        raise InputError(f"{path}: the model's video processor cannot take it ({str(e).splitlines()[0][:150]})") from None
-
-
-def video_timing(videos):
-    """Processor arguments for frames a stage chose: take them all (no resampling of the processor's
-    own), and when each was shown, where every video is a Clip that knows (else processors assume
-    24 fps: Qwen3-VL would then drop frames and write wrong timestamps)."""
-    if not videos:
-        return {}
-    metadata = [getattr(video, "metadata", None) for video in videos]
-    return {"do_sample_frames": False, **({"video_metadata": metadata} if None not in metadata else {})}
-
-
-def keep_4bit_layout(model):
-    """Keep every 4-bit layer in the one weight layout that all CPUs and GPUs share. On CPUs with
-    AVX512-BF16, bitsandbytes repacks a layer for bf16 inference the first time it runs in eval
-    mode without gradients; a later backward through it fails (so evaluating, then training,
-    breaks) and its bf16 products differ from every other machine's."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def chat_messages(conversations, with_video=False):
-    """LLaVA turns ({"from": "human"|"gpt", "value"}) as chat-template messages; the video, if
-    any, goes before the first user text, and LLaVA's <video>/<image> placeholders are dropped."""
-    messages = []
-    for turn in conversations:
-        role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}[turn["from"]]
-        text = turn["value"].replace("<video>", "").replace("<image>", "").strip() if role == "user" else turn["value"]
-        parts = [{"type": "text", "text": text}]
-        if with_video and role == "user" and not any(m["role"] == "user" for m in messages):
-            parts.insert(0, {"type": "video"})
-        messages.append({"role": role, "content": parts})
-    return messages
-
-
-def encode(processor, messages, video=None):
-    """Token ids, labels (-100 except assistant turns) and the processor's vision tensors.
-    Each assistant turn is tokenized apart from its prompt, exactly as generation sees it."""
-    tokenizer = processor.tokenizer
-    ids, labels, token_extras, extras, rendered = [], [], {}, {}, ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = processor.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
-        full = processor.apply_chat_template(messages[:i + 1], tokenize=False)
-        if not (prompt.startswith(rendered) and full.startswith(prompt)):
-            raise ValueError("the chat template does not render turns as prefixes of each other")
-        prompt_piece, answer_piece = prompt[len(rendered):], full[len(prompt):]
-        if not rendered:
-            videos = [video] if video is not None else None
-            batch = processor(text=[prompt_piece], videos=videos, return_tensors="pt", **video_timing(videos))
-            piece = batch.pop("input_ids")[0].tolist()
-            batch.pop("attention_mask", None)
-            for key, value in batch.items():  # token-aligned (e.g. mm_token_type_ids) or per-video tensors
-                (token_extras if value.dim() == 2 and value.shape[1] == len(piece) else extras)[key] = value
-            token_extras = {k: v[0].tolist() for k, v in token_extras.items()}
-        else:
-            piece = tokenizer(prompt_piece, add_special_tokens=False)["input_ids"]
-            for values in token_extras.values():
-                values += [0] * len(piece)
-        answer = tokenizer(answer_piece, add_special_tokens=False)["input_ids"]
-        for values in token_extras.values():
-            values += [0] * len(answer)
-        ids += piece + answer
-        labels += [-100] * len(piece) + answer
-        rendered = full
-    return {"input_ids": ids, "labels": labels, "token_extras": token_extras, "extras": extras}
-
-
-def collate(examples, pad_id):
-    """Right-pad token-aligned fields; concatenate vision tensors in record order."""
-    width = max(len(e["input_ids"]) for e in examples)
-    pad = lambda seq, value: seq + [value] * (width - len(seq))
-    batch = {
-        "input_ids": torch.tensor([pad(e["input_ids"], pad_id) for e in examples]),
-        "attention_mask": torch.tensor([pad([1] * len(e["input_ids"]), 0) for e in examples]),
-    }
-    if "labels" in examples[0]:
-        batch["labels"] = torch.tensor([pad(e["labels"], -100) for e in examples])
-    for key in {k for e in examples for k in e["token_extras"]}:
-        batch[key] = torch.tensor([pad(e["token_extras"].get(key, [0] * len(e["input_ids"])), 0) for e in examples])
-    for key in {k for e in examples for k in e["extras"]}:
-        batch[key] = torch.cat([e["extras"][key] for e in examples if key in e["extras"]])
-    return batch
-# ---- end shared: model ----
-
-
-# ---- shared: frames (identical copies in every stage that decodes video) ----
-# Decoding runs in a child process: a decoder that hangs (decord issue #373), crashes or leaks
-# (#208) costs one video, never the run, and ffmpeg's per-packet complaints stay out of the console.
-DECODE_TIMEOUT = float(os.environ.get("DECODE_TIMEOUT", 300))  # seconds per video before it is given up
-DECODER_RESTART_EVERY = 500  # videos per decoding process
-_decoder = {"process": None, "conn": None, "served": 0}
-decode_warnings = {}  # video path -> what went wrong decoding it (each printed once)
-
-
-class Clip(np.ndarray):
-    """Decoded frames [T, H, W, 3] uint8 that remember when they were shown (`metadata`: the video's
-    fps, the frame indices, its frame count), so a processor can tell the model real times:
-    Qwen2.5-VL's rotary time ids and Qwen3-VL's timestamps in the text. A slice or copy forgets."""
-
-    def __new__(cls, frames, fps, indices, total):
-        clip = np.asarray(frames).view(cls)
-        clip.metadata = {"fps": fps, "frames_indices": list(indices), "total_num_frames": total}
-        return clip
-
-    def __array_finalize__(self, obj):
-        self.metadata = None
-
-
-def sample_frames(path, num_frames, indices=None):
-    """uint8 frames [T, H, W, 3]: `num_frames` spread uniformly over the video, or exactly `indices`."""
-    return read_frames(path, num_frames, indices)[0]
-
-
-def read_frames(path, num_frames=0, indices=None):
-    """(frames [T, H, W, 3] uint8, a Clip where the video's fps is known; the frame index each shows).
-    A frame that does not decode is replaced by the nearest one that does (a uniform pick is spread
-    over the decodable frames instead), with a one-line warning per video; a video with no decodable
-    frame, or one that takes over DECODE_TIMEOUT seconds, is an InputError. The same file always
-    gives the same frames."""
-    frames, shown, note, fps, total = _ask_decoder(path, ("frames", path, num_frames, indices))
-    if note and path not in decode_warnings:
-        decode_warnings[path] = note
-        tqdm.write(f"warning: {path}: {note}", file=sys.stderr)
-    return (Clip(frames, fps, shown, total) if fps else frames), shown
-
-
-def video_length(path):
-    """Number of frames of a video whose every frame decodes; InputError naming what is wrong otherwise."""
-    return _ask_decoder(path, ("length", path, 0, None))
-
-
-def uniform_indices(total, count):
-    """`count` indices spread evenly over range(total), centred in equal bins."""
-    return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
-
-
-def _ask_decoder(path, request):
-    """Send a request to the decoding process (forked on first use, and again after a kill or every
-    DECODER_RESTART_EVERY videos) and wait at most DECODE_TIMEOUT seconds for its answer."""
-    import multiprocessing
-    state = _decoder
-    if state["process"] is None or not state["process"].is_alive() or state["served"] >= DECODER_RESTART_EVERY:
-        _stop_decoder()
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the child never tokenizes: no fork warning
-        context = multiprocessing.get_context("fork")
-        state["conn"], child_end = context.Pipe()
-        state["process"] = context.Process(target=_decoder_loop, args=(child_end,), daemon=True)
-        state["process"].start()
-        child_end.close()
-        state["served"] = 0
-    state["conn"].send(request)
-    state["served"] += 1
-    if not state["conn"].poll(DECODE_TIMEOUT):
-        _stop_decoder()
-        raise InputError(f"{path}: decoding took over {DECODE_TIMEOUT:.0f} s (set DECODE_TIMEOUT to wait longer)")
-    try:
-        status, value = state["conn"].recv()
-    except (EOFError, OSError):
-        _stop_decoder()
-        raise InputError(f"{path}: the video decoder crashed on this file") from None
-    if status == "error":
-        raise InputError(f"{path}: {value}")
-    return value
-
-
-def _stop_decoder():
-    if _decoder["process"] is not None:
-        _decoder["process"].kill()
-        _decoder["process"].join()
-        _decoder["conn"].close()
-    _decoder.update(process=None, conn=None)
-
-
-def _decoder_loop(conn):
-    """The decoding process: answers requests until the pipe closes; ffmpeg's stderr goes nowhere."""
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    while True:
-        try:
-            kind, path, num_frames, indices = conn.recv()
-        except EOFError:
-            return
-        try:
-            result = _decode(path, num_frames, indices) if kind == "frames" else _length(path)
-            conn.send(("ok", result))
-        except Exception as e:  # any decoder failure is this video's problem, reported in one line
-            conn.send(("error", str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__))
-
-
-def _decode(path, num_frames, indices):
-    """(frames, indices shown, note, fps or None, frame count). decord reads exactly the asked frames
-    of a healthy video; if it fails in any way, every frame is decoded in order with PyAV
-    (deterministic, where decord's read-ahead makes the failures of a damaged file vary from run to run)."""
-    pick = (lambda total: list(indices)) if indices is not None else (lambda total: uniform_indices(total, num_frames))
-    try:
-        import decord
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        wanted = pick(len(reader))
-        if wanted and 0 <= min(wanted) and max(wanted) < len(reader):
-            return reader.get_batch(wanted).asnumpy(), wanted, None, reader.get_avg_fps() or None, len(reader)
-    except Exception:
-        pass
-    total, decodable = _decodable_frames(path)
-    wanted = pick(total)
-    if indices is not None and wanted and not 0 <= min(wanted) <= max(wanted) < total:
-        raise ValueError(f"frame {max(wanted)} asked for, but the video has {total} frame{'s' * (total != 1)}")
-    missing = sorted({i for i in wanted if i not in decodable})
-    note = None
-    if missing:
-        ordered = sorted(decodable)
-        if indices is None:
-            wanted = [ordered[i] for i in uniform_indices(len(ordered), num_frames)]
-            note = f"{len(ordered)} of {total} frames decode; sampling {num_frames} from those"
-        else:
-            wanted = [i if i in decodable else min(ordered, key=lambda d: (abs(d - i), d)) for i in wanted]
-            note = f"{len(ordered)} of {total} frames decode; frames {missing[:8]} replaced by the nearest that decode"
-    return _frames_at(path, wanted), wanted, note, _fps(path), total
-
-
-def _fps(path):
-    """The container's frame rate, or None where it does not say (the frames are used either way)."""
-    import av
-    try:
-        with av.open(path) as container:
-            rate = container.streams.video[0].average_rate
-        return float(rate) if rate else None
-    except Exception:
-        return None
-
-
-def _length(path):
-    try:
-        import decord
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        if len(reader) and reader.get_batch([len(reader) - 1]).shape[0] == 1:
-            return len(reader)
-    except Exception:
-        pass
-    total, decodable = _decodable_frames(path)
-    if len(decodable) < total:
-        raise ValueError(f"only {len(decodable)} of its {total} frames decode")
-    return total
-
-
-def _decodable_frames(path):
-    """(frames the container lists, {index: pts} of those that decode)."""
-    listed, decoded, _ = _walk_frames(path, set())
-    total = max(listed["count"], len(listed["pts"]))
-    index_of = {pts: i for i, pts in enumerate(sorted(listed["pts"]))}
-    decodable = {index_of[pts]: pts for pts in decoded if pts in index_of}
-    if not decodable:
-        raise ValueError("no decodable frames")
-    return total, decodable
-
-
-def _frames_at(path, wanted):
-    """The frames at container indices `wanted` (all decodable), in that order."""
-    import numpy as np
-    _, decodable = _decodable_frames(path)
-    _, _, kept = _walk_frames(path, {decodable[i] for i in wanted})
-    return np.stack([kept[decodable[i]] for i in wanted])
-
-
-def _walk_frames(path, keep):
-    """Decode every frame in order with PyAV, going on past errors: ({"pts": listed packet times,
-    "count": the container's frame count}, decoded frame times, {time: RGB frame} for times in `keep`)."""
-    import av
-    listed, decoded, kept = {"pts": [], "count": 0}, set(), {}
-    if not os.path.isfile(path):
-        raise ValueError("is a directory, not a video" if os.path.isdir(path) else "no such file")
-    if os.path.getsize(path) == 0:
-        raise ValueError("cannot open video (an empty file)")
-    try:
-        container = av.open(path)
-    except Exception as e:
-        raise ValueError(f"cannot open video ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]})") from None
-    with container:
-        if not container.streams.video:
-            raise ValueError("cannot open video (no video stream)")
-        stream = container.streams.video[0]
-        listed["count"] = stream.frames
-        packets = container.demux(stream)
-        while True:
-            try:
-                packet = next(packets)
-            except Exception:  # StopIteration, or a container cut short
-                break
-            if packet.pts is not None:
-                listed["pts"].append(packet.pts)
-            try:
-                for frame in packet.decode():
-                    decoded.add(frame.pts)
-                    if frame.pts in keep and frame.pts not in kept:
-                        kept[frame.pts] = frame.to_ndarray(format="rgb24")
-            except Exception:  # a damaged packet: its frames are lost, the rest go on
-                continue
-    return listed, decoded, kept
-# ---- end shared: frames ----
-
-
-# ---- shared: logs (identical copies in the stages that keep JSONL logs) ----
-def read_log(path):
-    """Records of an append-only JSONL log; a torn last line (a kill mid-write) is ignored."""
-    records = []
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    break
-    return records
-
-
-def write_jsonl(path, records):
-    """Replace `path` with these records, atomically."""
-    with atomic_write(path) as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def append_jsonl(path, records):
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-# ---- end shared: logs ----
-
-
-# ---- shared: chat (identical copies in the stages that prompt the model in batches) ----
-def chat_inputs(processor, requests, device):
-    """Left-padded model inputs for requests [(frames or None, text)], ready for the reply.
-    A batch must be all video or all text (processors pair videos with placeholders in order)."""
-    texts = [processor.apply_chat_template(
-        [{"role": "user", "content": ([{"type": "video"}] if frames is not None else []) + [{"type": "text", "text": text}]}],
-        add_generation_prompt=True, tokenize=False) for frames, text in requests]
-    videos = [frames for frames, _ in requests if frames is not None] or None
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, videos=videos, padding=True, return_tensors="pt", **video_timing(videos)).to(device)
-# ---- end shared: chat ----
-
-
-# ---- shared: choice (identical copies in the stages that ask multiple-choice questions) ----
-LETTERS = "ABCDEFGHIJ"
-YES_NO = ("yes", "no")
-# Words after which "A" (or "I") is still a letter, not the article (or the pronoun): "A or B", "A is right".
-LETTER_FOLLOWERS = {"or", "and", "nor", "is", "was", "seems", "appears", "fits", "matches", "because", "since", "but",
-                    "as", "vs", "versus", "best", "correctly", "then"}
-# "The answer is b", "Option (C)", "I would choose B": a letter given as the answer.
-STATED_ANSWER = (r"(?i:answer|option|choice|choose|pick|select|go with)(?:\s+(?i:is|would be|should be|will be))?"
-                 r"\s*[:=]?\s*[\[(]?([A-Ja-j])(?=[\]).,:;!?]|\s*$|\s)")
-YES_WORDS = {"yes", "yeah", "yep", "yup", "true"}
-NO_WORDS = {"no", "nope", "nah", "false"}
-
-
-def is_yes_no(options):
-    return tuple(o.strip().lower() for o in options) == YES_NO
-
-
-def choice_prompt(question, options):
-    """The question with lettered options and the instruction lmms-eval uses (or a yes/no one)."""
-    if is_yes_no(options):
-        return f"{question}\nPlease answer yes or no."
-    lines = [f"{LETTERS[i]}. {option}" for i, option in enumerate(options)]
-    return "\n".join([question, *lines, "Answer with the option's letter from the given choices directly."])
-
-
-def reply_token_ids(tokenizer, options, labels=LETTERS):
-    """Per option, the first token of each reply that picks it: its label (a letter), or yes/no in either case."""
-    replies = [(w, w.capitalize()) for w in YES_NO] if is_yes_no(options) else [(L,) for L in labels[:len(options)]]
-    return [sorted({tokenizer(r, add_special_tokens=False)["input_ids"][0] for r in variants}) for variants in replies]
-
-
-
-@torch.no_grad()
-def choice_logprobs(model, processor, requests, options, device, labels=None):
-    """Per request, the log-probability of each option's reply as the first answer token (`labels`:
-    per request, the options' labels when they are not A, B, C ...)."""
-    inputs = chat_inputs(processor, requests, device)
-    last = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), -1)
-    return [[round(float(torch.logsumexp(row[ids], 0)), 5) for ids in reply_token_ids(processor.tokenizer, opts, marks)]
-            for row, opts, marks in zip(last, options, labels or [LETTERS] * len(options))]
-
-
-@torch.no_grad()
-def choice_generate(model, processor, requests, device, max_new_tokens=32):
-    """Greedy replies to requests [(frames or None, text)]."""
-    inputs = chat_inputs(processor, requests, device)
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    return [processor.tokenizer.decode(row, skip_special_tokens=True).strip()
-            for row in output[:, inputs["input_ids"].shape[1]:]]
-
-
-def extract_choice(reply, options):
-    """Index of the option a free-form reply picks, or None when it picks none or several.
-    Multiple choice: the letters the reply states as its answer ("B", "(c)", "b)", "The answer is b",
-    "Option B"); else the letters it mentions ("... so (B) fits"), never the article "A"; else the one
-    option whose whole text it quotes. Two or more different letters, or options, and no single one
-    stated: None. Yes/no: the reply's first word, or a yes/no after a comma ("Based on the video, yes.")."""
-    text = re.sub(r"[*_`#]+", "", reply).strip(" \t\n'\"“”‘’")
-    if is_yes_no(options):
-        return yes_no_choice(text.lower())
-    valid = LETTERS[:len(options)]
-    for letters in (stated_letters(text), mentioned_letters(text)):
-        if letters:
-            if len(letters) > 1 or not letters <= set(valid):
-                return None
-            chosen = valid.index(letters.pop())
-            quoted = re.match(rf"\W*{valid[chosen]}[.):]\s*(.+?)[.!]?\s*(?:\n|$)", text)  # "B. <text of option A>"
-            others = [o.strip().lower() for i, o in enumerate(options) if i != chosen]
-            return None if quoted and quoted[1].strip().lower() in others else chosen
-    named = [i for i, o in enumerate(options) if o.strip() and re.search(
-        rf"(?<!\w){re.escape(o.strip().rstrip('.'))}(?!\w)", text, re.I)]
-    named = [i for i in named if not any(j != i and options[i].strip().lower() in options[j].lower() for j in named)]
-    return named[0] if len(named) == 1 else None
-
-
-def is_letter_at(text, end):
-    """Whether the single capital letter just before `end` names an option: "A" and "I" followed by
-    another word are the article and the pronoun, unless the word joins options ("A or B")."""
-    letter, word = text[end - 1], re.match(r"[ \t]+([A-Za-z]+)", text[end:])
-    return not (letter in "AIai" and word and word[1].lower() not in LETTER_FOLLOWERS)
-
-
-def stated_letters(text):
-    """Upper-case letters of the options a reply states as its answer."""
-    found = set()
-    opening = re.match(r"[\[(]?([A-J])(?:[\]).:,;\-]|\s*$|\s*\n|(?=[ \t]))", text)
-    if opening and is_letter_at(text, opening.end(1)) and not re.match(r"\W*(?:and|or|nor|vs)\b|\s*/", text[opening.end():]):
-        found.add(opening[1])
-    lower = re.fullmatch(r"[\[(]?([a-j])(?:[\]).:,]\s*.*|)", text, re.S)  # "b", "(c)", "c) the dog runs"
-    if lower and (lower[1] != "a" or len(text) <= 3 or text[1] in ").:,]"):
-        found.add(lower[1].upper())
-    for m in re.finditer(STATED_ANSWER, text):
-        if is_letter_at(text, m.end(1)):
-            found.add(m[1].upper())
-    return found
-
-
-def mentioned_letters(text):
-    """Upper-case letters a reply mentions as options: "(B)", "[c]", "B." or a standalone "B"."""
-    found = {m[1].upper() for m in re.finditer(r"[\[(]([A-Ja-j])[\])]", text)}
-    for m in re.finditer(r"(?<![\w'’-])([A-J])(?![\w'’-])", text):
-        if is_letter_at(text, m.end(1)):
-            found.add(m[1])
-    return found
-
-
-def yes_no_choice(text):
-    """0 (yes), 1 (no) or None, from a lower-cased reply."""
-    if re.search(r"\b(?:yes|no)\b\W*(?:and|or)\W*\b(?:yes|no)\b", text):
-        return None
-    first = re.match(r"\W*([a-z]+)(?:\W+([a-z]+))?", text)
-    if first and first[1] in YES_WORDS:
-        return 0
-    if first and (first[1] in NO_WORDS or first[1] == "not" and first[2] in ("really", "at", "quite", "exactly")):
-        return 1
-    stated = {m[1] in NO_WORDS for m in re.finditer(r"(?:answer is|answer:|[,.;:!?]\s*)\W*(yes|no)\b", text)}
-    return int(stated.pop()) if len(stated) == 1 else None
-# ---- end shared: choice ----
-
-
 # ---------------------------------------------------------------- scenes: what is where, frame by frame
 # A scene is a list of frame states {"objects": [{"colour", "x", "y", "size"}], "light"}; x, y and
 # size are fractions of the frame side. The renderer and the text description both read it.
@@ -1079,18 +432,6 @@ def answer_accuracy(records, answers, aspect, key):
     return round(float(np.mean(hits)), 4) if hits else None
 
 
-# ---- shared: stats (identical copies in the stages that report accuracies) ----
-def wilson_interval(correct, total, z=1.96):
-    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
-    if total == 0:
-        return [0.0, 1.0]
-    p, spread = correct / total, z * z / total
-    centre = (p + spread / 2) / (1 + spread)
-    half = z * math.sqrt(p * (1 - p) / total + spread / (4 * total)) / (1 + spread)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-# ---- end shared: stats ----
-
-
 # ---------------------------------------------------------------- report
 
 def mean_lift(rows, key):
@@ -1230,6 +571,565 @@ def main():
     write_jsonl(os.path.join(args.out, "probe_bench.jsonl"), bench_records(records, args.out))
     report(records, features, answers, args, meta)
     print(f"report in {args.out}/report.md; benchmark for stage 06 in {args.out}/probe_bench.jsonl")
+
+
+# ---- shared: io (user input, JSONL, atomic writes) ----
+class InputError(Exception):
+    """Bad user input; main() prints it as one line and exits non-zero."""
+
+
+def read_jsonl(path):
+    """Yield (line_number, record) for every non-blank line; InputError names file and line."""
+    check_input_file(path)
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise InputError(f"{path}:{number}: not UTF-8 text") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise InputError(f"{path}:{number}: expected a JSON object")
+            yield number, record
+
+
+def read_text(path):
+    """A whole text file (UTF-8; a byte-order mark is allowed); InputError names the first line that is not UTF-8."""
+    check_input_file(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise InputError(f"{path}:{line}: not UTF-8 text") from None
+
+
+def check_input_file(path):
+    """InputError unless `path` is a file this project can read as text (not a folder, gzip or Parquet)."""
+    if os.path.isdir(path):
+        raise InputError(f"{path}: is a directory, not a file")
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:2] == b"\x1f\x8b":
+        raise InputError(f"{path}: gzip-compressed; decompress it first (gunzip -k {path})")
+    if magic == b"PAR1":
+        raise InputError(f"{path}: a Parquet file; give the JSON or JSONL form of it")
+    if b"\x00" in magic:
+        raise InputError(f"{path}: not UTF-8 text (NUL bytes: UTF-16 or binary); save it as UTF-8")
+
+
+def make_out_dir(path):
+    """Create the output folder (and its parents); InputError if `path` is an existing file."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise InputError(f"{path}: exists and is not a folder; --out takes a folder")
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+@contextmanager
+def atomic_write(path, mode="w"):
+    """Write to a temp file beside `path` and rename it into place only on success."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def run_main(main):
+    """Run main(); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main()
+    except InputError as e:
+        for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
+            bar.close()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+# ---- end shared: io ----
+
+
+# ---- shared: model (loading a video LLM and its processor, chat encoding) ----
+VISION_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
+TESTED_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")  # README: "Models"
+
+
+def pick_device():
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def load_model(path, four_bit=True, device=None, dtype=None):
+    """(model, processor) for any AutoModelForImageTextToText checkpoint. 4-bit NF4 with double
+    quantization on the language model only; bf16 compute on CUDA, float32 on the CPU (or `dtype`)."""
+    import logging
+    import warnings
+    # Library notices a user cannot act on: bitsandbytes' hint to install an optional CPU kernel
+    # package, and transformers' renames of gradient_checkpointing_* that peft still calls.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", r"`(is_)?gradient_checkpointing(_enable)?` is deprecated", FutureWarning)
+    from transformers import AutoModelForImageTextToText, AutoProcessor, BitsAndBytesConfig
+    device = device or pick_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=VISION_MODULES) if four_bit else None
+    cached_only = check_model_path(path)
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=cached_only)
+        model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, quantization_config=quantization, device_map={"": device}, local_files_only=cached_only)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot load the model ({str(e).splitlines()[0]})") from None
+    check_chat_template(processor, path)
+    if hasattr(getattr(processor, "video_processor", None), "cap_pixels_per_frame"):
+        processor.video_processor.cap_pixels_per_frame = True  # Qwen-VL: bound a video's pixels as qwen-vl-utils does
+    if model.config.model_type not in TESTED_ARCHITECTURES:
+        tqdm.write(f"warning: {path}: {model.config.model_type} is not among the architectures the stages are tested "
+                   f"on ({', '.join(TESTED_ARCHITECTURES)}); check its prompts and numbers", file=sys.stderr)
+    keep_4bit_layout(model)
+    return model, processor
+
+
+def check_chat_template(processor, path):
+    """InputError unless the processor's chat template renders a user turn holding a video and a
+    question: a base (not chat) checkpoint, whose template ignores chat messages, or a processor
+    without videos fails here in one line instead of prompting the model with the wrong text."""
+    question = "Which event happens first?"
+    turn = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
+    try:
+        text = processor.apply_chat_template(turn, add_generation_prompt=True, tokenize=False)
+    except Exception as e:
+        raise InputError(f"{path}: its chat template cannot render a video question ({str(e).splitlines()[0][:150]})") from None
+    video_token = getattr(processor, "video_token", None)
+    if question not in text or not video_token or video_token not in text:
+        raise InputError(f"{path}: its chat template does not render a chat turn with a video ({type(processor).__name__}); "
+                         "give an instruction-tuned checkpoint that takes videos")
+
+
+def check_model_path(path):
+    """Fail in seconds, in one line, where transformers would retry the hub for minutes: a local path
+    that does not exist, or a hub id with the hub out of reach and no cached copy. Returns whether
+    to load from the cache only (a cached hub model while the hub is out of reach)."""
+    if os.path.isdir(path) or os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") != 1 or os.path.exists(path.split("/")[0])
+    if os.path.isfile(path):
+        raise InputError(f"{path}: a file, not a model folder")
+    if looks_local or os.path.exists(path):
+        raise InputError(f"{path}: no such model folder")
+    from huggingface_hub import model_info, try_to_load_from_cache
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+    try:
+        model_info(path, timeout=10)
+        return False
+    except GatedRepoError:
+        return False  # it exists; transformers says what access it needs
+    except RepositoryNotFoundError:
+        raise InputError(f"{path}: no such model folder, nor a model on the hub") from None
+    except Exception:  # the hub is out of reach
+        if isinstance(try_to_load_from_cache(path, "config.json"), str):
+            return True
+        raise InputError(f"{path}: no such model folder, and the hub is out of reach to download it") from None
+
+
+def video_timing(videos):
+    """Processor arguments for frames a stage chose: take them all (no resampling of the processor's
+    own), and when each was shown, where every video is a Clip that knows (else processors assume
+    24 fps: Qwen3-VL would then drop frames and write wrong timestamps)."""
+    if not videos:
+        return {}
+    metadata = [getattr(video, "metadata", None) for video in videos]
+    return {"do_sample_frames": False, **({"video_metadata": metadata} if None not in metadata else {})}
+
+
+def keep_4bit_layout(model):
+    """Keep every 4-bit layer in the one weight layout that all CPUs and GPUs share. On CPUs with
+    AVX512-BF16, bitsandbytes repacks a layer for bf16 inference the first time it runs in eval
+    mode without gradients; a later backward through it fails (so evaluating, then training,
+    breaks) and its bf16 products differ from every other machine's."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+# ---- end shared: model ----
+
+
+# ---- shared: frames (video decoding in a restartable subprocess) ----
+# Decoding runs in a child process: a decoder that hangs (decord issue #373), crashes or leaks
+# (#208) costs one video, never the run, and ffmpeg's per-packet complaints stay out of the console.
+DECODE_TIMEOUT = float(os.environ.get("DECODE_TIMEOUT", 300))  # seconds per video before it is given up
+DECODER_RESTART_EVERY = 500  # videos per decoding process
+_decoder = {"process": None, "conn": None, "served": 0}
+decode_warnings = {}  # video path -> what went wrong decoding it (each printed once)
+
+
+class Clip(np.ndarray):
+    """Decoded frames [T, H, W, 3] uint8 that remember when they were shown (`metadata`: the video's
+    fps, the frame indices, its frame count), so a processor can tell the model real times:
+    Qwen2.5-VL's rotary time ids and Qwen3-VL's timestamps in the text. A slice or copy forgets."""
+
+    def __new__(cls, frames, fps, indices, total):
+        clip = np.asarray(frames).view(cls)
+        clip.metadata = {"fps": fps, "frames_indices": list(indices), "total_num_frames": total}
+        return clip
+
+    def __array_finalize__(self, obj):
+        self.metadata = None
+
+
+def sample_frames(path, num_frames, indices=None):
+    """uint8 frames [T, H, W, 3]: `num_frames` spread uniformly over the video, or exactly `indices`."""
+    return read_frames(path, num_frames, indices)[0]
+
+
+def read_frames(path, num_frames=0, indices=None):
+    """(frames [T, H, W, 3] uint8, a Clip where the video's fps is known; the frame index each shows).
+    A frame that does not decode is replaced by the nearest one that does (a uniform pick is spread
+    over the decodable frames instead), with a one-line warning per video; a video with no decodable
+    frame, or one that takes over DECODE_TIMEOUT seconds, is an InputError. The same file always
+    gives the same frames."""
+    frames, shown, note, fps, total = _ask_decoder(path, ("frames", path, num_frames, indices))
+    if note and path not in decode_warnings:
+        decode_warnings[path] = note
+        tqdm.write(f"warning: {path}: {note}", file=sys.stderr)
+    return (Clip(frames, fps, shown, total) if fps else frames), shown
+
+
+def uniform_indices(total, count):
+    """`count` indices spread evenly over range(total), centred in equal bins."""
+    return [min(total - 1, int((i + 0.5) * total / count)) for i in range(count)]
+
+
+def _ask_decoder(path, request):
+    """Send a request to the decoding process (forked on first use, and again after a kill or every
+    DECODER_RESTART_EVERY videos) and wait at most DECODE_TIMEOUT seconds for its answer."""
+    import multiprocessing
+    state = _decoder
+    if state["process"] is None or not state["process"].is_alive() or state["served"] >= DECODER_RESTART_EVERY:
+        _stop_decoder()
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")  # the child never tokenizes: no fork warning
+        context = multiprocessing.get_context("fork")
+        state["conn"], child_end = context.Pipe()
+        state["process"] = context.Process(target=_decoder_loop, args=(child_end,), daemon=True)
+        state["process"].start()
+        child_end.close()
+        state["served"] = 0
+    state["conn"].send(request)
+    state["served"] += 1
+    if not state["conn"].poll(DECODE_TIMEOUT):
+        _stop_decoder()
+        raise InputError(f"{path}: decoding took over {DECODE_TIMEOUT:.0f} s (set DECODE_TIMEOUT to wait longer)")
+    try:
+        status, value = state["conn"].recv()
+    except (EOFError, OSError):
+        _stop_decoder()
+        raise InputError(f"{path}: the video decoder crashed on this file") from None
+    if status == "error":
+        raise InputError(f"{path}: {value}")
+    return value
+
+
+def _stop_decoder():
+    if _decoder["process"] is not None:
+        _decoder["process"].kill()
+        _decoder["process"].join()
+        _decoder["conn"].close()
+    _decoder.update(process=None, conn=None)
+
+
+def _decoder_loop(conn):
+    """The decoding process: answers requests until the pipe closes; ffmpeg's stderr goes nowhere."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    while True:
+        try:
+            kind, path, num_frames, indices = conn.recv()
+        except EOFError:
+            return
+        try:
+            result = _decode(path, num_frames, indices) if kind == "frames" else _length(path)
+            conn.send(("ok", result))
+        except Exception as e:  # any decoder failure is this video's problem, reported in one line
+            conn.send(("error", str(e).strip().splitlines()[-1][:200] if str(e).strip() else type(e).__name__))
+
+
+def _decode(path, num_frames, indices):
+    """(frames, indices shown, note, fps or None, frame count). decord reads exactly the asked frames
+    of a healthy video; if it fails in any way, every frame is decoded in order with PyAV
+    (deterministic, where decord's read-ahead makes the failures of a damaged file vary from run to run)."""
+    pick = (lambda total: list(indices)) if indices is not None else (lambda total: uniform_indices(total, num_frames))
+    try:
+        import decord
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        wanted = pick(len(reader))
+        if wanted and 0 <= min(wanted) and max(wanted) < len(reader):
+            return reader.get_batch(wanted).asnumpy(), wanted, None, reader.get_avg_fps() or None, len(reader)
+    except Exception:
+        pass
+    total, decodable = _decodable_frames(path)
+    wanted = pick(total)
+    if indices is not None and wanted and not 0 <= min(wanted) <= max(wanted) < total:
+        raise ValueError(f"frame {max(wanted)} asked for, but the video has {total} frame{'s' * (total != 1)}")
+    missing = sorted({i for i in wanted if i not in decodable})
+    note = None
+    if missing:
+        ordered = sorted(decodable)
+        if indices is None:
+            wanted = [ordered[i] for i in uniform_indices(len(ordered), num_frames)]
+            note = f"{len(ordered)} of {total} frames decode; sampling {num_frames} from those"
+        else:
+            wanted = [i if i in decodable else min(ordered, key=lambda d: (abs(d - i), d)) for i in wanted]
+            note = f"{len(ordered)} of {total} frames decode; frames {missing[:8]} replaced by the nearest that decode"
+    return _frames_at(path, wanted), wanted, note, _fps(path), total
+
+
+def _fps(path):
+    """The container's frame rate, or None where it does not say (the frames are used either way)."""
+    import av
+    try:
+        with av.open(path) as container:
+            rate = container.streams.video[0].average_rate
+        return float(rate) if rate else None
+    except Exception:
+        return None
+
+
+def _length(path):
+    try:
+        import decord
+        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+        if len(reader) and reader.get_batch([len(reader) - 1]).shape[0] == 1:
+            return len(reader)
+    except Exception:
+        pass
+    total, decodable = _decodable_frames(path)
+    if len(decodable) < total:
+        raise ValueError(f"only {len(decodable)} of its {total} frames decode")
+    return total
+
+
+def _decodable_frames(path):
+    """(frames the container lists, {index: pts} of those that decode)."""
+    listed, decoded, _ = _walk_frames(path, set())
+    total = max(listed["count"], len(listed["pts"]))
+    index_of = {pts: i for i, pts in enumerate(sorted(listed["pts"]))}
+    decodable = {index_of[pts]: pts for pts in decoded if pts in index_of}
+    if not decodable:
+        raise ValueError("no decodable frames")
+    return total, decodable
+
+
+def _frames_at(path, wanted):
+    """The frames at container indices `wanted` (all decodable), in that order."""
+    import numpy as np
+    _, decodable = _decodable_frames(path)
+    _, _, kept = _walk_frames(path, {decodable[i] for i in wanted})
+    return np.stack([kept[decodable[i]] for i in wanted])
+
+
+def _walk_frames(path, keep):
+    """Decode every frame in order with PyAV, going on past errors: ({"pts": listed packet times,
+    "count": the container's frame count}, decoded frame times, {time: RGB frame} for times in `keep`)."""
+    import av
+    listed, decoded, kept = {"pts": [], "count": 0}, set(), {}
+    if not os.path.isfile(path):
+        raise ValueError("is a directory, not a video" if os.path.isdir(path) else "no such file")
+    if os.path.getsize(path) == 0:
+        raise ValueError("cannot open video (an empty file)")
+    try:
+        container = av.open(path)
+    except Exception as e:
+        raise ValueError(f"cannot open video ({getattr(e, 'strerror', None) or str(e).splitlines()[0][:120]})") from None
+    with container:
+        if not container.streams.video:
+            raise ValueError("cannot open video (no video stream)")
+        stream = container.streams.video[0]
+        listed["count"] = stream.frames
+        packets = container.demux(stream)
+        while True:
+            try:
+                packet = next(packets)
+            except Exception:  # StopIteration, or a container cut short
+                break
+            if packet.pts is not None:
+                listed["pts"].append(packet.pts)
+            try:
+                for frame in packet.decode():
+                    decoded.add(frame.pts)
+                    if frame.pts in keep and frame.pts not in kept:
+                        kept[frame.pts] = frame.to_ndarray(format="rgb24")
+            except Exception:  # a damaged packet: its frames are lost, the rest go on
+                continue
+    return listed, decoded, kept
+# ---- end shared: frames ----
+
+
+# ---- shared: logs (JSONL logs that survive a crash) ----
+def write_jsonl(path, records):
+    """Replace `path` with these records, atomically."""
+    with atomic_write(path) as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+# ---- end shared: logs ----
+
+
+# ---- shared: chat (batched chat prompts) ----
+def chat_inputs(processor, requests, device):
+    """Left-padded model inputs for requests [(frames or None, text)], ready for the reply.
+    A batch must be all video or all text (processors pair videos with placeholders in order)."""
+    texts = [processor.apply_chat_template(
+        [{"role": "user", "content": ([{"type": "video"}] if frames is not None else []) + [{"type": "text", "text": text}]}],
+        add_generation_prompt=True, tokenize=False) for frames, text in requests]
+    videos = [frames for frames, _ in requests if frames is not None] or None
+    processor.tokenizer.padding_side = "left"
+    return processor(text=texts, videos=videos, padding=True, return_tensors="pt", **video_timing(videos)).to(device)
+# ---- end shared: chat ----
+
+
+# ---- shared: choice (multiple-choice prompts, scoring and answer parsing) ----
+LETTERS = "ABCDEFGHIJ"
+YES_NO = ("yes", "no")
+# Words after which "A" (or "I") is still a letter, not the article (or the pronoun): "A or B", "A is right".
+LETTER_FOLLOWERS = {"or", "and", "nor", "is", "was", "seems", "appears", "fits", "matches", "because", "since", "but",
+                    "as", "vs", "versus", "best", "correctly", "then"}
+# "The answer is b", "Option (C)", "I would choose B": a letter given as the answer.
+STATED_ANSWER = (r"(?i:answer|option|choice|choose|pick|select|go with)(?:\s+(?i:is|would be|should be|will be))?"
+                 r"\s*[:=]?\s*[\[(]?([A-Ja-j])(?=[\]).,:;!?]|\s*$|\s)")
+YES_WORDS = {"yes", "yeah", "yep", "yup", "true"}
+NO_WORDS = {"no", "nope", "nah", "false"}
+
+
+def is_yes_no(options):
+    return tuple(o.strip().lower() for o in options) == YES_NO
+
+
+def choice_prompt(question, options):
+    """The question with lettered options and the instruction lmms-eval uses (or a yes/no one)."""
+    if is_yes_no(options):
+        return f"{question}\nPlease answer yes or no."
+    lines = [f"{LETTERS[i]}. {option}" for i, option in enumerate(options)]
+    return "\n".join([question, *lines, "Answer with the option's letter from the given choices directly."])
+
+
+def reply_token_ids(tokenizer, options, labels=LETTERS):
+    """Per option, the first token of each reply that picks it: its label (a letter), or yes/no in either case."""
+    replies = [(w, w.capitalize()) for w in YES_NO] if is_yes_no(options) else [(L,) for L in labels[:len(options)]]
+    return [sorted({tokenizer(r, add_special_tokens=False)["input_ids"][0] for r in variants}) for variants in replies]
+
+
+
+@torch.no_grad()
+def choice_logprobs(model, processor, requests, options, device, labels=None):
+    """Per request, the log-probability of each option's reply as the first answer token (`labels`:
+    per request, the options' labels when they are not A, B, C ...)."""
+    inputs = chat_inputs(processor, requests, device)
+    last = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), -1)
+    return [[round(float(torch.logsumexp(row[ids], 0)), 5) for ids in reply_token_ids(processor.tokenizer, opts, marks)]
+            for row, opts, marks in zip(last, options, labels or [LETTERS] * len(options))]
+
+
+@torch.no_grad()
+def choice_generate(model, processor, requests, device, max_new_tokens=32):
+    """Greedy replies to requests [(frames or None, text)]."""
+    inputs = chat_inputs(processor, requests, device)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return [processor.tokenizer.decode(row, skip_special_tokens=True).strip()
+            for row in output[:, inputs["input_ids"].shape[1]:]]
+
+
+def extract_choice(reply, options):
+    """Index of the option a free-form reply picks, or None when it picks none or several.
+    Multiple choice: the letters the reply states as its answer ("B", "(c)", "b)", "The answer is b",
+    "Option B"); else the letters it mentions ("... so (B) fits"), never the article "A"; else the one
+    option whose whole text it quotes. Two or more different letters, or options, and no single one
+    stated: None. Yes/no: the reply's first word, or a yes/no after a comma ("Based on the video, yes.")."""
+    text = re.sub(r"[*_`#]+", "", reply).strip(" \t\n'\"“”‘’")
+    if is_yes_no(options):
+        return yes_no_choice(text.lower())
+    valid = LETTERS[:len(options)]
+    for letters in (stated_letters(text), mentioned_letters(text)):
+        if letters:
+            if len(letters) > 1 or not letters <= set(valid):
+                return None
+            chosen = valid.index(letters.pop())
+            quoted = re.match(rf"\W*{valid[chosen]}[.):]\s*(.+?)[.!]?\s*(?:\n|$)", text)  # "B. <text of option A>"
+            others = [o.strip().lower() for i, o in enumerate(options) if i != chosen]
+            return None if quoted and quoted[1].strip().lower() in others else chosen
+    named = [i for i, o in enumerate(options) if o.strip() and re.search(
+        rf"(?<!\w){re.escape(o.strip().rstrip('.'))}(?!\w)", text, re.I)]
+    named = [i for i in named if not any(j != i and options[i].strip().lower() in options[j].lower() for j in named)]
+    return named[0] if len(named) == 1 else None
+
+
+def is_letter_at(text, end):
+    """Whether the single capital letter just before `end` names an option: "A" and "I" followed by
+    another word are the article and the pronoun, unless the word joins options ("A or B")."""
+    letter, word = text[end - 1], re.match(r"[ \t]+([A-Za-z]+)", text[end:])
+    return not (letter in "AIai" and word and word[1].lower() not in LETTER_FOLLOWERS)
+
+
+def stated_letters(text):
+    """Upper-case letters of the options a reply states as its answer."""
+    found = set()
+    opening = re.match(r"[\[(]?([A-J])(?:[\]).:,;\-]|\s*$|\s*\n|(?=[ \t]))", text)
+    if opening and is_letter_at(text, opening.end(1)) and not re.match(r"\W*(?:and|or|nor|vs)\b|\s*/", text[opening.end():]):
+        found.add(opening[1])
+    lower = re.fullmatch(r"[\[(]?([a-j])(?:[\]).:,]\s*.*|)", text, re.S)  # "b", "(c)", "c) the dog runs"
+    if lower and (lower[1] != "a" or len(text) <= 3 or text[1] in ").:,]"):
+        found.add(lower[1].upper())
+    for m in re.finditer(STATED_ANSWER, text):
+        if is_letter_at(text, m.end(1)):
+            found.add(m[1].upper())
+    return found
+
+
+def mentioned_letters(text):
+    """Upper-case letters a reply mentions as options: "(B)", "[c]", "B." or a standalone "B"."""
+    found = {m[1].upper() for m in re.finditer(r"[\[(]([A-Ja-j])[\])]", text)}
+    for m in re.finditer(r"(?<![\w'’-])([A-J])(?![\w'’-])", text):
+        if is_letter_at(text, m.end(1)):
+            found.add(m[1])
+    return found
+
+
+def yes_no_choice(text):
+    """0 (yes), 1 (no) or None, from a lower-cased reply."""
+    if re.search(r"\b(?:yes|no)\b\W*(?:and|or)\W*\b(?:yes|no)\b", text):
+        return None
+    first = re.match(r"\W*([a-z]+)(?:\W+([a-z]+))?", text)
+    if first and first[1] in YES_WORDS:
+        return 0
+    if first and (first[1] in NO_WORDS or first[1] == "not" and first[2] in ("really", "at", "quite", "exactly")):
+        return 1
+    stated = {m[1] in NO_WORDS for m in re.finditer(r"(?:answer is|answer:|[,.;:!?]\s*)\W*(yes|no)\b", text)}
+    return int(stated.pop()) if len(stated) == 1 else None
+# ---- end shared: choice ----
+
+
+# ---- shared: stats (Wilson intervals) ----
+def wilson_interval(correct, total, z=1.96):
+    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
+    if total == 0:
+        return [0.0, 1.0]
+    p, spread = correct / total, z * z / total
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / total + spread / (4 * total)) / (1 + spread)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+# ---- end shared: stats ----
 
 
 if __name__ == "__main__":

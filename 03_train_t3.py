@@ -69,7 +69,323 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ---- shared: io (identical copies in every stage; tests/test_shared_blocks.py) ----
+# ---------------------------------------------------------------- data
+
+def load_records(path, video_root=None, need_video=False):
+    """Conversation records; with need_video, each must name a video that exists."""
+    records = []
+    for number, record in read_jsonl(path):
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns or not all(
+                isinstance(t, dict) and t.get("from") in ("human", "user", "gpt", "assistant", "system")
+                and isinstance(t.get("value"), str) for t in turns):
+            raise InputError(f"{path}:{number}: 'conversations' must be a list of {{from, value}} turns")
+        if not any(t["from"] in ("gpt", "assistant") for t in turns):
+            raise InputError(f"{path}:{number}: no gpt turn to learn from")
+        if need_video or record.get("video"):
+            if not isinstance(record.get("video"), str):
+                raise InputError(f"{path}:{number}: record has no 'video' path")
+            video = os.path.join(video_root or os.path.dirname(os.path.abspath(path)), record["video"])
+            if not os.path.isfile(video):
+                raise InputError(f"{path}:{number}: video {video} not found")
+            record = dict(record, video=video)
+        records.append(dict(record, _where=f"{path}:{number}"))
+    if not records:
+        raise InputError(f"{path}: no records")
+    return records
+
+
+def mixed_records(t3, video, ratio, seed):
+    """T3 records plus enough video records (repeated if needed) to make `ratio` of the total."""
+    if not video or ratio <= 0:
+        return t3
+    wanted = round(len(t3) * ratio / (1 - ratio))
+    rng = random.Random(f"{seed}:mix")
+    picked = [video[i % len(video)] for i in range(wanted)]
+    rng.shuffle(picked)
+    return t3 + picked
+
+
+def encode_records(records, processor, num_frames, max_length, desc, show=True):
+    """Encoded examples, and counts of the records skipped: over max_length, or with a video
+    that does not decode (one warning line per video). A video example keeps its token ids and its
+    record, not its pixels (40-115 MB per 16-frame video at Qwen2-VL's settings): with_video decodes
+    it again when its batch is built, so memory does not grow with the number of mixed videos."""
+    examples, skipped, unreadable = [], {"too_long": 0, "unreadable_video": 0}, set()
+    for record in tqdm(records, desc=desc, unit="rec", mininterval=2, disable=not show):
+        try:
+            if record.get("video") in unreadable:
+                raise InputError("unreadable")
+            frames = sample_frames(record["video"], num_frames) if record.get("video") else None
+            check_video_input(processor, frames, record.get("video"))
+        except InputError as e:
+            if record["video"] not in unreadable and show:
+                tqdm.write(f"warning: skipping {record['_where']}: {e}", file=sys.stderr)
+            unreadable.add(record["video"])
+            skipped["unreadable_video"] += 1
+            continue
+        example = encode(processor, chat_messages(record["conversations"], frames is not None), frames)
+        if len(example["input_ids"]) > max_length:
+            skipped["too_long"] += 1
+            continue
+        if frames is not None:
+            example = {"input_ids": example["input_ids"], "labels": example["labels"], "video_record": record}
+        examples.append(example)
+    return examples, skipped
+
+
+def with_video(example, processor, num_frames):
+    """The example ready for collate: a video example is encoded again with its frames, decoded now
+    (the same frames as before: decoding is deterministic)."""
+    if "video_record" not in example:
+        return example
+    record = example["video_record"]
+    frames = sample_frames(record["video"], num_frames)
+    return encode(processor, chat_messages(record["conversations"], True), frames)
+
+
+def length_grouped_batches(lengths, batch_size, seed, epoch):
+    """Batches of similar length (sorted inside shuffled windows of 50 batches), in shuffled order."""
+    rng = random.Random(f"{seed}:epoch:{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    window = batch_size * 50
+    batches = []
+    for start in range(0, len(order), window):
+        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+# ---------------------------------------------------------------- validation
+
+def split_options(record):
+    """(prompt without the options block, option texts, answer index) of a multiple-choice record."""
+    human = record["conversations"][0]["value"]
+    block = "\n" + "\n".join(record["options"])
+    prompt = human[:human.index(block)] if block in human else human
+    texts = [o.split(". ", 1)[1] if o[1:3] == ". " else o for o in record["options"]]
+    return prompt, texts, "ABCDEFGH".index(record["answer"])
+
+
+@torch.no_grad()
+def option_logprobs(model, processor, prompt, options, device):
+    """Mean log-probability per token of each option text after the prompt. The prompt runs once; its
+    key/value cache, repeated, serves the options, which run as one right-padded batch."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+    examples = [encode(processor, messages + [{"role": "assistant", "content": [{"type": "text", "text": o}]}])
+                for o in options]
+    shared = next(i for i, label in enumerate(examples[0]["labels"]) if label != -100)
+    if any(e["input_ids"][:shared] != examples[0]["input_ids"][:shared] for e in examples):
+        raise ValueError("the options do not share the prompt's tokens")
+    prefix = model(input_ids=torch.tensor([examples[0]["input_ids"][:shared]], device=device), use_cache=True)
+    answers = [e["input_ids"][shared:] for e in examples]
+    width = max(len(a) for a in answers)
+    ids = torch.tensor([a + [processor.tokenizer.pad_token_id] * (width - len(a)) for a in answers], device=device)
+    present = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=device)
+    cache = prefix.past_key_values
+    cache.batch_repeat_interleave(len(options))
+    mask = torch.cat([torch.ones(len(options), shared, dtype=present.dtype, device=device), present], 1)
+    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+    # the prompt's last position predicts each answer's first token; the answers' own positions the rest
+    logits = torch.cat([prefix.logits[:, -1:].expand(len(options), -1, -1), logits[:, :-1]], 1).float()
+    logprobs = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return ((logprobs * present).sum(1) / present.sum(1)).tolist()
+
+
+@torch.no_grad()
+def evaluate(model, processor, records, device, rank=0, world=1):
+    """Accuracy overall and per task, two ways: `letter`, the option letter most likely as the reply's
+    first token after the record's multiple-choice prompt (stage 01 writes the prompt stage 06 builds,
+    so this is 06's t3_val number); `text`, the option whose text is most likely after the question."""
+    model.eval()
+    letter_ids = [processor.tokenizer(L, add_special_tokens=False)["input_ids"][0] for L in "ABCDEFGH"]
+    hits = {}
+    for record in tqdm(records[rank::world], desc="eval", unit="rec", leave=False, mininterval=2, disable=rank != 0):
+        prompt, options, answer = split_options(record)
+        by_text = option_logprobs(model, processor, prompt, options, device)
+        messages = chat_messages(record["conversations"][:1])
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        batch = processor(text=[text], return_tensors="pt").to(device)
+        last = model(**batch).logits[0, -1, letter_ids[:len(options)]]
+        for key, choice in (("text", max(range(len(options)), key=by_text.__getitem__)), ("letter", int(last.argmax()))):
+            for group in ("all", record.get("task", "all")):
+                entry = hits.setdefault(key, {}).setdefault(group, [0, 0])
+                entry[0] += choice == answer
+                entry[1] += 1
+    model.train()
+    if world > 1:  # each rank scored its share: add up the counts
+        shares = [None] * world
+        torch.distributed.all_gather_object(shares, hits)
+        hits = {}
+        for share in shares:
+            for key, groups in share.items():
+                for group, (h, n) in groups.items():
+                    entry = hits.setdefault(key, {}).setdefault(group, [0, 0])
+                    entry[0], entry[1] = entry[0] + h, entry[1] + n
+    accuracy = {key: {group: round(h / n, 4) for group, (h, n) in groups.items()} for key, groups in hits.items()}
+    return {**accuracy, "items": len(records)}
+
+
+def validation_line(step, accuracy):
+    """The printed validation result, naming each scoring, with 95% intervals (Wilson)."""
+    n = accuracy["items"]
+    def text(key):
+        low, high = wilson_interval(round(accuracy[key]["all"] * n), n)
+        return f"{accuracy[key]['all']:.3f} [{low:.3f}, {high:.3f}]"
+    return (f"step {step} validation on {n} records: letter {text('letter')} (the option letter's log-likelihood after "
+            f"the multiple-choice prompt, as stage 06 scores t3_val); option text {text('text')} (each option's text, "
+            "mean log-likelihood per token after the question)")
+
+
+# ---------------------------------------------------------------- model and training
+
+
+class AnswerNLL(torch.nn.Module):
+    """The SFT loss: mean negative log-likelihood of the supervised (answer) tokens, from the language
+    model's last hidden states at the positions that predict them, through the fused LM head. Equal
+    to `model(**batch).loss`, which computes [tokens, vocabulary] logits at every position (at 4,096
+    tokens and Qwen2-VL's 152,064 words: 1.25 GB in bf16, and its float32 softmax again) although
+    only the few answer tokens carry loss; here no logits are ever held (see fused_token_logprobs)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model  # a module attribute, so that DDP wraps this loss and syncs the model's gradients
+
+    def forward(self, labels, **inputs):
+        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        hidden = hf_model.model(**inputs, use_cache=False).last_hidden_state  # training keeps no cache
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        logps = head_logprobs(hf_model, hidden[:, :-1][supervised], targets[supervised])
+        return -logps.sum() / supervised.sum().clamp(min=1)
+
+
+def wrap_for_ddp(model, device, world):
+    if world == 1:
+        return model
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def prepare_lora(model, args):
+    from peft import get_peft_model
+    return get_peft_model(prepare_for_lora(model, args), lora_config(args))
+
+
+def train(args):
+    """Train and save the adapter; returns the trained PEFT model (None when stopped early)."""
+    rank, world, device = start_run(args.seed)
+    main_process = rank == 0
+
+    t3 = load_records(args.train)
+    mix = load_records(args.mix, args.video_root, need_video=True) if args.mix else []
+    val = [r for _, r in zip(range(args.val_limit), load_records(args.val))] if args.val else []
+    for r in val:
+        options, answer = r.get("options"), r.get("answer")
+        if not (isinstance(options, list) and 2 <= len(options) <= 8 and all(isinstance(o, str) for o in options)):
+            raise InputError(f"{r['_where']}: validation record needs 'options', a list of 2 to 8 strings")
+        if not (isinstance(answer, str) and len(answer) == 1 and answer in "ABCDEFGH"[:len(options)]):
+            raise InputError(f"{r['_where']}: 'answer' must be one option letter (A-{'ABCDEFGH'[len(options) - 1]}), not {answer!r}")
+    check_run_folder(args.out, args.resume)
+
+    model, processor = load_model(args.model, args.four_bit, device)
+    model = prepare_lora(model, args)
+    if main_process:
+        model.print_trainable_parameters()
+    examples, skipped = encode_records(mixed_records(t3, mix, args.mix_ratio, args.seed), processor,
+                                       args.num_frames, args.max_length, desc="tokenize", show=main_process)
+    if not examples:
+        raise InputError(f"{args.train}: no usable record ({skipped['too_long']} longer than --max-length "
+                         f"{args.max_length}, {skipped['unreadable_video']} with an unreadable video)")
+    lengths = [len(e["input_ids"]) for e in examples]
+    steps_per_epoch = max(1, len(length_grouped_batches(lengths, args.batch_size, args.seed, 0)) // (args.grad_accum * world))
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+
+    trainable, optimizer, scheduler = optimizer_and_schedule(model, args, total_steps)
+    checkpoint = os.path.join(args.out, "checkpoint")
+    step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
+    ddp_model = wrap_for_ddp(AnswerNLL(model), device, world)
+
+    log = open_train_log(os.path.join(args.out, "train_log.jsonl"), step if args.resume else None) if main_process else None
+    def record(entry):
+        if log:
+            log.write(json.dumps(entry) + "\n")
+            log.flush()
+    if main_process:
+        record({"event": "start", "step": step, "examples": len(examples), "skipped_too_long": skipped["too_long"],
+                "skipped_unreadable_video": skipped["unreadable_video"],
+                "total_steps": total_steps, "world_size": world})
+    if val and step == 0:  # every rank scores its share of the records
+        accuracy = evaluate(model, processor, val, device, rank, world)
+        record({"event": "eval", "step": 0, **accuracy})
+        if main_process:
+            print(validation_line(0, accuracy))
+
+    model.train()
+    micro_per_step = args.grad_accum * world
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main_process)
+    stop_at = min(total_steps, args.stop_after_steps or total_steps)
+    while step < stop_at:
+        epoch, offset = divmod(step * micro_per_step, max(1, steps_per_epoch * micro_per_step))
+        batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
+        batches = batches[:steps_per_epoch * micro_per_step]
+        for start in range(offset, len(batches), micro_per_step):
+            if step >= stop_at:
+                break
+            began, tokens, loss_sum = time.perf_counter(), 0, 0.0
+            mine = batches[start + rank:start + micro_per_step:world]
+            for position, micro in enumerate(mine):
+                ready = [with_video(examples[i], processor, args.num_frames) for i in micro]
+                batch = {k: v.to(device) for k, v in collate(ready, processor.tokenizer.pad_token_id).items()}
+                last = position == len(mine) - 1  # DDP all-reduces the gradients once, after the last micro-batch
+                with nullcontext() if world == 1 or last else ddp_model.no_sync():
+                    loss = ddp_model(**batch) / len(mine)
+                    loss.backward()
+                loss_sum += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            speed = tokens * world / (time.perf_counter() - began)
+            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{speed:.0f}")
+            bar.update()
+            record({"event": "train", "step": step, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(speed, 1)})
+            if args.eval_every and val and step % args.eval_every == 0 and step < total_steps:
+                record({"event": "eval", "step": step, **evaluate(model, processor, val, device, rank, world)})
+            if main_process and (step % args.save_every == 0 or step == stop_at):
+                save_checkpoint(checkpoint, model, optimizer, scheduler, step)
+    bar.close()
+    if step < total_steps:
+        if main_process:
+            print(f"stopped at step {step} of {total_steps}; continue with --resume")
+            log.close()
+        return None
+    if main_process:
+        save_adapter(model, args.out)
+    if val:
+        accuracy = evaluate(model, processor, val, device, rank, world)
+        record({"event": "eval", "step": step, **accuracy})
+        if main_process:
+            print(validation_line(step, accuracy))
+    if main_process:
+        print(f"adapter written to {args.out}")
+    if log:
+        log.close()
+    return model
+
+
+def main():
+    try:
+        train(parse_args())
+    finally:
+        end_run()
+
+
+# ---- shared: io (user input, JSONL, atomic writes) ----
 class InputError(Exception):
     """Bad user input; main() prints it as one line and exits non-zero."""
 
@@ -92,18 +408,6 @@ def read_jsonl(path):
             if not isinstance(record, dict):
                 raise InputError(f"{path}:{number}: expected a JSON object")
             yield number, record
-
-
-def read_text(path):
-    """A whole text file (UTF-8; a byte-order mark is allowed); InputError names the first line that is not UTF-8."""
-    check_input_file(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data.count(b"\n", 0, e.start) + 1
-        raise InputError(f"{path}:{line}: not UTF-8 text") from None
 
 
 def check_input_file(path):
@@ -160,7 +464,7 @@ def run_main(main):
 # ---- end shared: io ----
 
 
-# ---- shared: model (identical copies in every stage that loads a model) ----
+# ---- shared: model (loading a video LLM and its processor, chat encoding) ----
 VISION_MODULES = ["model.visual", "model.vision_tower", "model.multi_modal_projector", "lm_head"]
 TESTED_ARCHITECTURES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")  # README: "Models"
 
@@ -343,7 +647,7 @@ def collate(examples, pad_id):
 # ---- end shared: model ----
 
 
-# ---- shared: frames (identical copies in every stage that decodes video) ----
+# ---- shared: frames (video decoding in a restartable subprocess) ----
 # Decoding runs in a child process: a decoder that hangs (decord issue #373), crashes or leaks
 # (#208) costs one video, never the run, and ffmpeg's per-packet complaints stay out of the console.
 DECODE_TIMEOUT = float(os.environ.get("DECODE_TIMEOUT", 300))  # seconds per video before it is given up
@@ -382,11 +686,6 @@ def read_frames(path, num_frames=0, indices=None):
         decode_warnings[path] = note
         tqdm.write(f"warning: {path}: {note}", file=sys.stderr)
     return (Clip(frames, fps, shown, total) if fps else frames), shown
-
-
-def video_length(path):
-    """Number of frames of a video whose every frame decodes; InputError naming what is wrong otherwise."""
-    return _ask_decoder(path, ("length", path, 0, None))
 
 
 def uniform_indices(total, count):
@@ -557,191 +856,7 @@ def _walk_frames(path, keep):
 # ---- end shared: frames ----
 
 
-# ---------------------------------------------------------------- data
-
-def load_records(path, video_root=None, need_video=False):
-    """Conversation records; with need_video, each must name a video that exists."""
-    records = []
-    for number, record in read_jsonl(path):
-        turns = record.get("conversations")
-        if not isinstance(turns, list) or not turns or not all(
-                isinstance(t, dict) and t.get("from") in ("human", "user", "gpt", "assistant", "system")
-                and isinstance(t.get("value"), str) for t in turns):
-            raise InputError(f"{path}:{number}: 'conversations' must be a list of {{from, value}} turns")
-        if not any(t["from"] in ("gpt", "assistant") for t in turns):
-            raise InputError(f"{path}:{number}: no gpt turn to learn from")
-        if need_video or record.get("video"):
-            if not isinstance(record.get("video"), str):
-                raise InputError(f"{path}:{number}: record has no 'video' path")
-            video = os.path.join(video_root or os.path.dirname(os.path.abspath(path)), record["video"])
-            if not os.path.isfile(video):
-                raise InputError(f"{path}:{number}: video {video} not found")
-            record = dict(record, video=video)
-        records.append(dict(record, _where=f"{path}:{number}"))
-    if not records:
-        raise InputError(f"{path}: no records")
-    return records
-
-
-def mixed_records(t3, video, ratio, seed):
-    """T3 records plus enough video records (repeated if needed) to make `ratio` of the total."""
-    if not video or ratio <= 0:
-        return t3
-    wanted = round(len(t3) * ratio / (1 - ratio))
-    rng = random.Random(f"{seed}:mix")
-    picked = [video[i % len(video)] for i in range(wanted)]
-    rng.shuffle(picked)
-    return t3 + picked
-
-
-def encode_records(records, processor, num_frames, max_length, desc, show=True):
-    """Encoded examples, and counts of the records skipped: over max_length, or with a video
-    that does not decode (one warning line per video). A video example keeps its token ids and its
-    record, not its pixels (40-115 MB per 16-frame video at Qwen2-VL's settings): with_video decodes
-    it again when its batch is built, so memory does not grow with the number of mixed videos."""
-    examples, skipped, unreadable = [], {"too_long": 0, "unreadable_video": 0}, set()
-    for record in tqdm(records, desc=desc, unit="rec", mininterval=2, disable=not show):
-        try:
-            if record.get("video") in unreadable:
-                raise InputError("unreadable")
-            frames = sample_frames(record["video"], num_frames) if record.get("video") else None
-            check_video_input(processor, frames, record.get("video"))
-        except InputError as e:
-            if record["video"] not in unreadable and show:
-                tqdm.write(f"warning: skipping {record['_where']}: {e}", file=sys.stderr)
-            unreadable.add(record["video"])
-            skipped["unreadable_video"] += 1
-            continue
-        example = encode(processor, chat_messages(record["conversations"], frames is not None), frames)
-        if len(example["input_ids"]) > max_length:
-            skipped["too_long"] += 1
-            continue
-        if frames is not None:
-            example = {"input_ids": example["input_ids"], "labels": example["labels"], "video_record": record}
-        examples.append(example)
-    return examples, skipped
-
-
-def with_video(example, processor, num_frames):
-    """The example ready for collate: a video example is encoded again with its frames, decoded now
-    (the same frames as before: decoding is deterministic)."""
-    if "video_record" not in example:
-        return example
-    record = example["video_record"]
-    frames = sample_frames(record["video"], num_frames)
-    return encode(processor, chat_messages(record["conversations"], True), frames)
-
-
-def length_grouped_batches(lengths, batch_size, seed, epoch):
-    """Batches of similar length (sorted inside shuffled windows of 50 batches), in shuffled order."""
-    rng = random.Random(f"{seed}:epoch:{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    window = batch_size * 50
-    batches = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return batches
-
-
-# ---------------------------------------------------------------- validation
-
-def split_options(record):
-    """(prompt without the options block, option texts, answer index) of a multiple-choice record."""
-    human = record["conversations"][0]["value"]
-    block = "\n" + "\n".join(record["options"])
-    prompt = human[:human.index(block)] if block in human else human
-    texts = [o.split(". ", 1)[1] if o[1:3] == ". " else o for o in record["options"]]
-    return prompt, texts, "ABCDEFGH".index(record["answer"])
-
-
-@torch.no_grad()
-def option_logprobs(model, processor, prompt, options, device):
-    """Mean log-probability per token of each option text after the prompt. The prompt runs once; its
-    key/value cache, repeated, serves the options, which run as one right-padded batch."""
-    messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-    examples = [encode(processor, messages + [{"role": "assistant", "content": [{"type": "text", "text": o}]}])
-                for o in options]
-    shared = next(i for i, label in enumerate(examples[0]["labels"]) if label != -100)
-    if any(e["input_ids"][:shared] != examples[0]["input_ids"][:shared] for e in examples):
-        raise ValueError("the options do not share the prompt's tokens")
-    prefix = model(input_ids=torch.tensor([examples[0]["input_ids"][:shared]], device=device), use_cache=True)
-    answers = [e["input_ids"][shared:] for e in examples]
-    width = max(len(a) for a in answers)
-    ids = torch.tensor([a + [processor.tokenizer.pad_token_id] * (width - len(a)) for a in answers], device=device)
-    present = torch.tensor([[1] * len(a) + [0] * (width - len(a)) for a in answers], device=device)
-    cache = prefix.past_key_values
-    cache.batch_repeat_interleave(len(options))
-    mask = torch.cat([torch.ones(len(options), shared, dtype=present.dtype, device=device), present], 1)
-    logits = model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
-    # the prompt's last position predicts each answer's first token; the answers' own positions the rest
-    logits = torch.cat([prefix.logits[:, -1:].expand(len(options), -1, -1), logits[:, :-1]], 1).float()
-    logprobs = torch.log_softmax(logits, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
-    return ((logprobs * present).sum(1) / present.sum(1)).tolist()
-
-
-@torch.no_grad()
-def evaluate(model, processor, records, device, rank=0, world=1):
-    """Accuracy overall and per task, two ways: `letter`, the option letter most likely as the reply's
-    first token after the record's multiple-choice prompt (stage 01 writes the prompt stage 06 builds,
-    so this is 06's t3_val number); `text`, the option whose text is most likely after the question."""
-    model.eval()
-    letter_ids = [processor.tokenizer(L, add_special_tokens=False)["input_ids"][0] for L in "ABCDEFGH"]
-    hits = {}
-    for record in tqdm(records[rank::world], desc="eval", unit="rec", leave=False, mininterval=2, disable=rank != 0):
-        prompt, options, answer = split_options(record)
-        by_text = option_logprobs(model, processor, prompt, options, device)
-        messages = chat_messages(record["conversations"][:1])
-        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        batch = processor(text=[text], return_tensors="pt").to(device)
-        last = model(**batch).logits[0, -1, letter_ids[:len(options)]]
-        for key, choice in (("text", max(range(len(options)), key=by_text.__getitem__)), ("letter", int(last.argmax()))):
-            for group in ("all", record.get("task", "all")):
-                entry = hits.setdefault(key, {}).setdefault(group, [0, 0])
-                entry[0] += choice == answer
-                entry[1] += 1
-    model.train()
-    if world > 1:  # each rank scored its share: add up the counts
-        shares = [None] * world
-        torch.distributed.all_gather_object(shares, hits)
-        hits = {}
-        for share in shares:
-            for key, groups in share.items():
-                for group, (h, n) in groups.items():
-                    entry = hits.setdefault(key, {}).setdefault(group, [0, 0])
-                    entry[0], entry[1] = entry[0] + h, entry[1] + n
-    accuracy = {key: {group: round(h / n, 4) for group, (h, n) in groups.items()} for key, groups in hits.items()}
-    return {**accuracy, "items": len(records)}
-
-
-def validation_line(step, accuracy):
-    """The printed validation result, naming each scoring, with 95% intervals (Wilson)."""
-    n = accuracy["items"]
-    def text(key):
-        low, high = wilson_interval(round(accuracy[key]["all"] * n), n)
-        return f"{accuracy[key]['all']:.3f} [{low:.3f}, {high:.3f}]"
-    return (f"step {step} validation on {n} records: letter {text('letter')} (the option letter's log-likelihood after "
-            f"the multiple-choice prompt, as stage 06 scores t3_val); option text {text('text')} (each option's text, "
-            "mean log-likelihood per token after the question)")
-
-
-# ---- shared: stats (identical copies in the stages that report accuracies) ----
-def wilson_interval(correct, total, z=1.96):
-    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
-    if total == 0:
-        return [0.0, 1.0]
-    p, spread = correct / total, z * z / total
-    centre = (p + spread / 2) / (1 + spread)
-    half = z * math.sqrt(p * (1 - p) / total + spread / (4 * total)) / (1 + spread)
-    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
-# ---- end shared: stats ----
-
-
-# ---------------------------------------------------------------- model and training
-
-# ---- shared: logs (identical copies in the stages that keep JSONL logs) ----
+# ---- shared: logs (JSONL logs that survive a crash) ----
 def read_log(path):
     """Records of an append-only JSONL log; a torn last line (a kill mid-write) is ignored."""
     records = []
@@ -759,15 +874,22 @@ def write_jsonl(path, records):
     """Replace `path` with these records, atomically."""
     with atomic_write(path) as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-
-
-def append_jsonl(path, records):
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 # ---- end shared: logs ----
 
 
-# ---- shared: training (identical copies in every training stage) ----
+# ---- shared: stats (Wilson intervals) ----
+def wilson_interval(correct, total, z=1.96):
+    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
+    if total == 0:
+        return [0.0, 1.0]
+    p, spread = correct / total, z * z / total
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / total + spread / (4 * total)) / (1 + spread)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+# ---- end shared: stats ----
+
+
+# ---- shared: training (QLoRA setup, schedule, checkpoints, runs) ----
 def prepare_for_lora(model, args):
     """Freeze everything, cast nothing. Frozen bf16 weights stay bf16 (peft's prepare_model_for_kbit_training
     makes every weight that is not 4-bit float32: for a 7B video LLM's vision tower, embeddings and head,
@@ -913,11 +1035,10 @@ def optimizer_and_schedule(model, args, total_steps):
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
     scheduler = cosine_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
     return trainable, optimizer, scheduler
-
 # ---- end shared: training ----
 
 
-# ---- shared: logprobs (identical copies in the training stages: per-token log-probs, fused with the LM head) ----
+# ---- shared: logprobs (per-token log-probs in Triton, fused with the LM head) ----
 def _use_triton(logits):
     return triton is not None and (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
@@ -1238,149 +1359,6 @@ def head_logprobs(hf_model, hidden, targets, fused=True):
         return fused_token_logprobs(hidden, head.weight, targets)
     return token_logprobs(head(hidden), targets)
 # ---- end shared: logprobs ----
-
-
-class AnswerNLL(torch.nn.Module):
-    """The SFT loss: mean negative log-likelihood of the supervised (answer) tokens, from the language
-    model's last hidden states at the positions that predict them, through the fused LM head. Equal
-    to `model(**batch).loss`, which computes [tokens, vocabulary] logits at every position (at 4,096
-    tokens and Qwen2-VL's 152,064 words: 1.25 GB in bf16, and its float32 softmax again) although
-    only the few answer tokens carry loss; here no logits are ever held (see fused_token_logprobs)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model  # a module attribute, so that DDP wraps this loss and syncs the model's gradients
-
-    def forward(self, labels, **inputs):
-        hf_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        hidden = hf_model.model(**inputs, use_cache=False).last_hidden_state  # training keeps no cache
-        targets = labels[:, 1:]
-        supervised = targets != -100
-        logps = head_logprobs(hf_model, hidden[:, :-1][supervised], targets[supervised])
-        return -logps.sum() / supervised.sum().clamp(min=1)
-
-
-def wrap_for_ddp(model, device, world):
-    if world == 1:
-        return model
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-
-def prepare_lora(model, args):
-    from peft import get_peft_model
-    return get_peft_model(prepare_for_lora(model, args), lora_config(args))
-
-
-def train(args):
-    """Train and save the adapter; returns the trained PEFT model (None when stopped early)."""
-    rank, world, device = start_run(args.seed)
-    main_process = rank == 0
-
-    t3 = load_records(args.train)
-    mix = load_records(args.mix, args.video_root, need_video=True) if args.mix else []
-    val = [r for _, r in zip(range(args.val_limit), load_records(args.val))] if args.val else []
-    for r in val:
-        options, answer = r.get("options"), r.get("answer")
-        if not (isinstance(options, list) and 2 <= len(options) <= 8 and all(isinstance(o, str) for o in options)):
-            raise InputError(f"{r['_where']}: validation record needs 'options', a list of 2 to 8 strings")
-        if not (isinstance(answer, str) and len(answer) == 1 and answer in "ABCDEFGH"[:len(options)]):
-            raise InputError(f"{r['_where']}: 'answer' must be one option letter (A-{'ABCDEFGH'[len(options) - 1]}), not {answer!r}")
-    check_run_folder(args.out, args.resume)
-
-    model, processor = load_model(args.model, args.four_bit, device)
-    model = prepare_lora(model, args)
-    if main_process:
-        model.print_trainable_parameters()
-    examples, skipped = encode_records(mixed_records(t3, mix, args.mix_ratio, args.seed), processor,
-                                       args.num_frames, args.max_length, desc="tokenize", show=main_process)
-    if not examples:
-        raise InputError(f"{args.train}: no usable record ({skipped['too_long']} longer than --max-length "
-                         f"{args.max_length}, {skipped['unreadable_video']} with an unreadable video)")
-    lengths = [len(e["input_ids"]) for e in examples]
-    steps_per_epoch = max(1, len(length_grouped_batches(lengths, args.batch_size, args.seed, 0)) // (args.grad_accum * world))
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
-
-    trainable, optimizer, scheduler = optimizer_and_schedule(model, args, total_steps)
-    checkpoint = os.path.join(args.out, "checkpoint")
-    step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
-    ddp_model = wrap_for_ddp(AnswerNLL(model), device, world)
-
-    log = open_train_log(os.path.join(args.out, "train_log.jsonl"), step if args.resume else None) if main_process else None
-    def record(entry):
-        if log:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-    if main_process:
-        record({"event": "start", "step": step, "examples": len(examples), "skipped_too_long": skipped["too_long"],
-                "skipped_unreadable_video": skipped["unreadable_video"],
-                "total_steps": total_steps, "world_size": world})
-    if val and step == 0:  # every rank scores its share of the records
-        accuracy = evaluate(model, processor, val, device, rank, world)
-        record({"event": "eval", "step": 0, **accuracy})
-        if main_process:
-            print(validation_line(0, accuracy))
-
-    model.train()
-    micro_per_step = args.grad_accum * world
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main_process)
-    stop_at = min(total_steps, args.stop_after_steps or total_steps)
-    while step < stop_at:
-        epoch, offset = divmod(step * micro_per_step, max(1, steps_per_epoch * micro_per_step))
-        batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
-        batches = batches[:steps_per_epoch * micro_per_step]
-        for start in range(offset, len(batches), micro_per_step):
-            if step >= stop_at:
-                break
-            began, tokens, loss_sum = time.perf_counter(), 0, 0.0
-            mine = batches[start + rank:start + micro_per_step:world]
-            for position, micro in enumerate(mine):
-                ready = [with_video(examples[i], processor, args.num_frames) for i in micro]
-                batch = {k: v.to(device) for k, v in collate(ready, processor.tokenizer.pad_token_id).items()}
-                last = position == len(mine) - 1  # DDP all-reduces the gradients once, after the last micro-batch
-                with nullcontext() if world == 1 or last else ddp_model.no_sync():
-                    loss = ddp_model(**batch) / len(mine)
-                    loss.backward()
-                loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            speed = tokens * world / (time.perf_counter() - began)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{speed:.0f}")
-            bar.update()
-            record({"event": "train", "step": step, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(speed, 1)})
-            if args.eval_every and val and step % args.eval_every == 0 and step < total_steps:
-                record({"event": "eval", "step": step, **evaluate(model, processor, val, device, rank, world)})
-            if main_process and (step % args.save_every == 0 or step == stop_at):
-                save_checkpoint(checkpoint, model, optimizer, scheduler, step)
-    bar.close()
-    if step < total_steps:
-        if main_process:
-            print(f"stopped at step {step} of {total_steps}; continue with --resume")
-            log.close()
-        return None
-    if main_process:
-        save_adapter(model, args.out)
-    if val:
-        accuracy = evaluate(model, processor, val, device, rank, world)
-        record({"event": "eval", "step": step, **accuracy})
-        if main_process:
-            print(validation_line(step, accuracy))
-    if main_process:
-        print(f"adapter written to {args.out}")
-    if log:
-        log.close()
-    return model
-
-
-def main():
-    try:
-        train(parse_args())
-    finally:
-        end_run()
 
 
 if __name__ == "__main__":

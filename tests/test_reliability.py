@@ -13,6 +13,7 @@ from test_train_tpo import make_pairs
 
 t3 = load_stage("03_train_t3.py")
 tpo = load_stage("05_train_tpo.py")
+pairs = load_stage("04_build_pairs.py")  # the stage that measures video lengths
 
 
 # ---------------------------------------------------------------- 4-bit on every CPU
@@ -80,8 +81,8 @@ def test_a_damaged_video_gives_the_same_decodable_frames_every_time(broken, name
     # asked-for frames that do not decode become the nearest ones that do, in place
     replaced, replaced_shown = t3.read_frames(broken[name], 0, [0, shown[-1], 47])
     assert replaced_shown[:2] == [0, shown[-1]] and replaced_shown[2] <= 40 and (replaced[1] == frames[-1]).all()
-    with pytest.raises(t3.InputError, match="only .* of its 48 frames decode"):
-        t3.video_length(broken[name])
+    with pytest.raises(pairs.InputError, match="only .* of its 48 frames decode"):
+        pairs.video_length(broken[name])
 
 
 def test_a_healthy_video_reads_exactly_the_asked_frames(tmp_path):
@@ -89,7 +90,7 @@ def test_a_healthy_video_reads_exactly_the_asked_frames(tmp_path):
     path = write_video(tmp_path / "v.mp4", frames_for(20))
     frames, shown = t3.read_frames(path, 0, [3, 3, 19])
     assert shown == [3, 3, 19] and frames.shape == (3, 64, 64, 3) and (frames[0] == frames[1]).all()
-    assert t3.video_length(path) == 20
+    assert pairs.video_length(path) == 20
     with pytest.raises(t3.InputError, match="frame 20 asked for, but the video has 20 frames"):
         t3.read_frames(path, 0, [20])
 
@@ -97,7 +98,7 @@ def test_a_healthy_video_reads_exactly_the_asked_frames(tmp_path):
 def test_one_frame_and_empty_files(broken):
     frames, shown = t3.read_frames(broken["one_frame"], 4)
     assert frames.shape == (4, 64, 64, 3) and shown == [0, 0, 0, 0]
-    assert t3.video_length(broken["one_frame"]) == 1
+    assert pairs.video_length(broken["one_frame"]) == 1
     with pytest.raises(t3.InputError, match="empty.mp4: cannot open video \\(an empty file\\)"):
         t3.read_frames(broken["empty"], 4)
     with pytest.raises(t3.InputError, match="is a directory"):

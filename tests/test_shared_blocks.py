@@ -1,33 +1,67 @@
-"""Stage scripts stay self-contained: shared helpers are identical copies, and no stage imports another."""
+"""Stage scripts stay self-contained: the shared helpers come from one source, each stage carries only
+what it calls, and no stage imports another file of this repo."""
+import ast
 import glob
 import os
 import re
+import sys
 
 from conftest import REPO
 
-BLOCK = re.compile(r"^# ---- shared: (?P<name>[\w-]+) .*?\n(?P<body>.*?)^# ---- end shared: (?P=name) ----$", re.S | re.M)
+sys.path.insert(0, os.path.join(REPO, "tools"))
+import sync_shared  # noqa: E402  (tools/ is not a package)
 
 
 def stage_scripts():
     return sorted(glob.glob(os.path.join(REPO, "0[1-6]_*.py")))
 
 
-def test_shared_blocks_are_identical_copies():
-    copies = {}
+def source_blocks():
+    with open(sync_shared.SOURCE, encoding="utf-8") as f:
+        return sync_shared.read_blocks(f.read())
+
+
+def test_syncing_the_shared_blocks_changes_nothing(capsys):
+    assert sync_shared.main(["--check"]) == 0, capsys.readouterr().out
+
+
+def test_no_stage_carries_a_shared_definition_it_never_uses():
     for path in stage_scripts():
-        for match in BLOCK.finditer(open(path, encoding="utf-8").read()):
-            copies.setdefault(match["name"], {})[os.path.basename(path)] = match["body"]
-    assert "io" in copies and len(copies["io"]) == len(stage_scripts())
-    for name, bodies in copies.items():
-        first = next(iter(bodies.values()))
-        differing = [script for script, body in bodies.items() if body != first]
-        assert not differing, f"shared block {name!r} differs in {differing}"
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        tree = ast.parse(text)
+        for match in sync_shared.BLOCK.finditer(text):
+            first = text[:match.start()].count("\n") + 1
+            last = first + match.group(0).count("\n")
+            for node in tree.body:
+                if not first < node.lineno < last or not isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.Assign)):
+                    continue
+                for name in sync_shared.defined_names(node):
+                    inside = {id(n) for n in ast.walk(node)}
+                    uses = [n for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id == name and id(n) not in inside]
+                    assert uses, f"{os.path.basename(path)} carries {name} (shared block {match['name']}) but never uses it"
+
+
+def test_a_stage_gets_what_its_code_reaches_and_nothing_more():
+    stage = '"""A stage."""\n\n\ndef main():\n    return list(read_jsonl("x.jsonl"))\n\n\nif __name__ == "__main__":\n    main()\n'
+    synced = sync_shared.synced(stage, source_blocks())
+    defined = {node.name for node in ast.parse(synced).body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+    assert defined == {"main", "read_jsonl", "check_input_file", "InputError"}  # read_jsonl calls the other two
+    assert synced.index("def main") < synced.index("# ---- shared: io") < synced.rindex('if __name__ == "__main__":')
+    assert sync_shared.synced(synced, source_blocks()) == synced
+
+
+def test_a_name_the_stage_defines_itself_is_not_copied_in():
+    stage = 'def read_jsonl(path):\n    return []\n\n\ndef main():\n    read_jsonl("x")\n\n\nif __name__ == "__main__":\n    main()\n'
+    assert "# ---- shared" not in sync_shared.synced(stage, source_blocks())
 
 
 def test_no_stage_imports_another_file_of_this_repo():
-    local = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, "*.py"))} | {"tests", "bench"}
+    local = {os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, "*.py"))}
+    local |= {"tests", "bench", "tools", "shared_blocks", "sync_shared"}
     for path in stage_scripts():
-        source = open(path, encoding="utf-8").read()
+        with open(path, encoding="utf-8") as f:
+            source = f.read()
         imported = set(re.findall(r"^\s*(?:from|import)\s+([\w.]+)", source, re.M))
         assert not {m.split(".")[0] for m in imported} & local, path
         assert "spec_from_file_location" not in source and "import_module" not in source
