@@ -626,7 +626,9 @@ def build_sample(task, rng, pool, attribute_pool, n, positions):
 # ---------------------------------------------------------------- records out
 
 def make_record(job):
-    """One record from its job tuple; depends only on the tuple, so any worker count gives the same file."""
+    """One record from its job tuple and the run's settings and caption pools (module globals, set in
+    each worker by _init_worker); the same job always gives the same record, so any worker count gives
+    the same file."""
     split, index, task, scale, letter, as_choice = job
     rng = random.Random(f"{CONFIG['seed']}:{split}:{index}")
     pool, attribute_pool = POOLS[split]
@@ -711,8 +713,8 @@ def summarize(stats):
     return out
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.captions:
         captions = [c for path in args.captions for c in load_caption_file(path)]
         source = args.captions
@@ -828,10 +830,10 @@ def atomic_write(path, mode="w"):
         raise
 
 
-def run_main(main):
-    """Run main(); turn InputError into one line on stderr and exit status 2."""
+def run_main(main, argv=None):
+    """Run main(argv); turn InputError into one line on stderr and exit status 2."""
     try:
-        main()
+        main(argv)
     except InputError as e:
         for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
             bar.close()

@@ -71,11 +71,7 @@ def parse_args(argv=None):
     fewest = 3 * max(len(ASPECTS[a][1]) for a in args.aspects)  # every class in the test split, twice that to train on
     if args.num_videos < fewest or args.num_frames < 2:
         p.error(f"need --num-videos >= {fewest} for these aspects (3 x their most classes) and --num-frames >= 2")
-    try:
-        args.shard_index, args.shard_count = (int(x) for x in args.shard.split("/"))
-        assert 0 <= args.shard_index < args.shard_count
-    except (ValueError, AssertionError):
-        p.error(f"--shard must be i/n with 0 <= i < n, not {args.shard!r}")
+    args.shard_index, args.shard_count = parse_shard(p, args.shard)
     return args
 
 
@@ -538,8 +534,8 @@ def merge(args):
     report(records, features, answers, args, {**meta, "merged": args.merge})
 
 
-def main():
-    args = parse_args()
+def main(argv=None):
+    args = parse_args(argv)
     if args.merge:
         return merge(args)
     make_out_dir(args.out)
@@ -547,13 +543,7 @@ def main():
     records = render_videos(plans, args.out, args.num_frames)
     write_jsonl(os.path.join(args.out, "videos.jsonl"), records)
     device = pick_device()
-    model, processor = load_model(args.model, args.four_bit, device)
-    if args.adapter:
-        from peft import PeftModel
-        if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-            raise InputError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, args.adapter)
-    model.eval()
+    model, processor = load_for_inference(args.model, args.adapter, args.four_bit, device)
     began = time.perf_counter()
     cache_key = {"model": os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
                  "num_frames": str(args.num_frames)}
@@ -652,10 +642,21 @@ def atomic_write(path, mode="w"):
         raise
 
 
-def run_main(main):
-    """Run main(); turn InputError into one line on stderr and exit status 2."""
+def parse_shard(parser, shard):
+    """(i, n) from a --shard value "i/n"; a usage error unless 0 <= i < n."""
     try:
-        main()
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        parser.error(f"--shard must be i/n with 0 <= i < n, not {shard!r}")
+    return index, count
+
+
+def run_main(main, argv=None):
+    """Run main(argv); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main(argv)
     except InputError as e:
         for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
             bar.close()
@@ -705,6 +706,22 @@ def load_model(path, four_bit=True, device=None, dtype=None):
                    f"on ({', '.join(TESTED_ARCHITECTURES)}); check its prompts and numbers", file=sys.stderr)
     keep_4bit_layout(model)
     return model, processor
+
+
+def check_adapter_folder(folder):
+    """InputError unless `folder` holds a PEFT adapter."""
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise InputError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+
+
+def load_for_inference(path, adapter, four_bit, device):
+    """(model in eval mode, processor), with the PEFT adapter in the folder `adapter` applied if given."""
+    model, processor = load_model(path, four_bit, device)
+    if adapter:
+        from peft import PeftModel
+        check_adapter_folder(adapter)
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), processor
 
 
 def check_chat_template(processor, path):

@@ -13,6 +13,8 @@ Writes OUT/adapter_config.json + OUT/adapter_model.safetensors (a standard PEFT 
 OUT/train_log.jsonl and OUT/checkpoint/ (for --resume).
 """
 import argparse
+import collections
+import functools
 import json
 import math
 import os
@@ -273,11 +275,8 @@ def prepare_lora(model, args):
     return get_peft_model(prepare_for_lora(model, args), lora_config(args))
 
 
-def train(args):
-    """Train and save the adapter; returns the trained PEFT model (None when stopped early)."""
-    rank, world, device = start_run(args.seed)
-    main_process = rank == 0
-
+def load_inputs(args):
+    """(T3 records, video SFT records, validation records); validation records must be multiple choice."""
     t3 = load_records(args.train)
     mix = load_records(args.mix, args.video_root, need_video=True) if args.mix else []
     val = [r for _, r in zip(range(args.val_limit), load_records(args.val))] if args.val else []
@@ -287,100 +286,107 @@ def train(args):
             raise InputError(f"{r['_where']}: validation record needs 'options', a list of 2 to 8 strings")
         if not (isinstance(answer, str) and len(answer) == 1 and answer in "ABCDEFGH"[:len(options)]):
             raise InputError(f"{r['_where']}: 'answer' must be one option letter (A-{'ABCDEFGH'[len(options) - 1]}), not {answer!r}")
-    check_run_folder(args.out, args.resume)
+    return t3, mix, val
 
-    model, processor = load_model(args.model, args.four_bit, device)
-    model = prepare_lora(model, args)
-    if main_process:
-        model.print_trainable_parameters()
+
+def encode_examples(t3, mix, processor, args, show):
+    """Tokenized training examples and the counts skipped; InputError when none is usable."""
     examples, skipped = encode_records(mixed_records(t3, mix, args.mix_ratio, args.seed), processor,
-                                       args.num_frames, args.max_length, desc="tokenize", show=main_process)
+                                       args.num_frames, args.max_length, desc="tokenize", show=show)
     if not examples:
         raise InputError(f"{args.train}: no usable record ({skipped['too_long']} longer than --max-length "
                          f"{args.max_length}, {skipped['unreadable_video']} with an unreadable video)")
-    lengths = [len(e["input_ids"]) for e in examples]
-    steps_per_epoch = max(1, len(length_grouped_batches(lengths, args.batch_size, args.seed, 0)) // (args.grad_accum * world))
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
+    return examples, skipped
 
+
+def accumulate_gradients(ddp_model, examples, micro_batches, processor, args, device):
+    """Forward and backward over one optimizer step's micro-batches on this rank: (mean loss, tokens)."""
+    loss_sum, tokens = 0.0, 0
+    for position, micro in enumerate(micro_batches):
+        ready = [with_video(examples[i], processor, args.num_frames) for i in micro]
+        batch = {k: v.to(device) for k, v in collate(ready, processor.tokenizer.pad_token_id).items()}
+        last = position == len(micro_batches) - 1  # DDP all-reduces the gradients once, after the last micro-batch
+        distributed = isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel)
+        with ddp_model.no_sync() if distributed and not last else nullcontext():
+            loss = ddp_model(**batch) / len(micro_batches)
+            loss.backward()
+        loss_sum += loss.item()
+        tokens += int(batch["attention_mask"].sum())
+    return loss_sum, tokens
+
+
+def validate(model, processor, val, step, record, run):
+    """Score the validation records (every rank its share), log the result and print it on rank 0."""
+    accuracy = evaluate(model, processor, val, run.device, run.rank, run.world)
+    record({"event": "eval", "step": step, **accuracy})
+    if run.rank == 0:
+        print(validation_line(step, accuracy))
+
+
+def train(args):
+    """Train and save the adapter; returns the trained PEFT model (None when stopped early)."""
+    run = start_run(args.seed)
+    main_process = run.rank == 0
+    t3, mix, val = load_inputs(args)
+    check_run_folder(args.out, args.resume)
+    model, processor = load_model(args.model, args.four_bit, run.device)
+    model = prepare_lora(model, args)
+    if main_process:
+        model.print_trainable_parameters()
+    examples, skipped = encode_examples(t3, mix, processor, args, main_process)
+    lengths = [len(e["input_ids"]) for e in examples]
+    micro_per_step = args.grad_accum * run.world
+    steps_per_epoch = max(1, len(length_grouped_batches(lengths, args.batch_size, args.seed, 0)) // micro_per_step)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     trainable, optimizer, scheduler = optimizer_and_schedule(model, args, total_steps)
     checkpoint = os.path.join(args.out, "checkpoint")
     step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
-    ddp_model = wrap_for_ddp(AnswerNLL(model), device, world)
-
-    log = open_train_log(os.path.join(args.out, "train_log.jsonl"), step if args.resume else None) if main_process else None
-    def record(entry):
-        if log:
-            log.write(json.dumps(entry) + "\n")
-            log.flush()
-    if main_process:
-        record({"event": "start", "step": step, "examples": len(examples), "skipped_too_long": skipped["too_long"],
-                "skipped_unreadable_video": skipped["unreadable_video"],
-                "total_steps": total_steps, "world_size": world})
-    if val and step == 0:  # every rank scores its share of the records
-        accuracy = evaluate(model, processor, val, device, rank, world)
-        record({"event": "eval", "step": 0, **accuracy})
-        if main_process:
-            print(validation_line(0, accuracy))
-
-    model.train()
-    micro_per_step = args.grad_accum * world
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main_process)
+    ddp_model = wrap_for_ddp(AnswerNLL(model), run.device, run.world)
     stop_at = min(total_steps, args.stop_after_steps or total_steps)
-    while step < stop_at:
-        epoch, offset = divmod(step * micro_per_step, max(1, steps_per_epoch * micro_per_step))
-        batches = length_grouped_batches(lengths, args.batch_size, args.seed, epoch)
-        batches = batches[:steps_per_epoch * micro_per_step]
-        for start in range(offset, len(batches), micro_per_step):
-            if step >= stop_at:
-                break
-            began, tokens, loss_sum = time.perf_counter(), 0, 0.0
-            mine = batches[start + rank:start + micro_per_step:world]
-            for position, micro in enumerate(mine):
-                ready = [with_video(examples[i], processor, args.num_frames) for i in micro]
-                batch = {k: v.to(device) for k, v in collate(ready, processor.tokenizer.pad_token_id).items()}
-                last = position == len(mine) - 1  # DDP all-reduces the gradients once, after the last micro-batch
-                with nullcontext() if world == 1 or last else ddp_model.no_sync():
-                    loss = ddp_model(**batch) / len(mine)
-                    loss.backward()
-                loss_sum += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    with train_log(os.path.join(args.out, "train_log.jsonl"), step if args.resume else None, main_process) as record:
+        record({"event": "start", "step": step, "examples": len(examples), "skipped_too_long": skipped["too_long"],
+                "skipped_unreadable_video": skipped["unreadable_video"], "total_steps": total_steps, "world_size": run.world})
+        if val and step == 0:
+            validate(model, processor, val, 0, record, run)
+        model.train()
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main_process)
+        epoch_batches = functools.partial(length_grouped_batches, lengths, args.batch_size, args.seed)
+        for micro_batches in step_batches(epoch_batches, step, stop_at, steps_per_epoch, micro_per_step, run.rank, run.world):
+            began = time.perf_counter()
+            loss, tokens = accumulate_gradients(ddp_model, examples, micro_batches, processor, args, run.device)
+            grad_norm = optimizer_update(optimizer, scheduler, trainable, args.max_grad_norm)
             step += 1
-            speed = tokens * world / (time.perf_counter() - began)
-            bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{speed:.0f}")
+            speed = tokens * run.world / (time.perf_counter() - began)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{speed:.0f}")
             bar.update()
-            record({"event": "train", "step": step, "loss": round(loss_sum, 5), "lr": scheduler.get_last_lr()[0],
+            record({"event": "train", "step": step, "loss": round(loss, 5), "lr": scheduler.get_last_lr()[0],
                     "grad_norm": round(float(grad_norm), 4), "tokens_per_s": round(speed, 1)})
             if args.eval_every and val and step % args.eval_every == 0 and step < total_steps:
-                record({"event": "eval", "step": step, **evaluate(model, processor, val, device, rank, world)})
+                record({"event": "eval", "step": step, **evaluate(model, processor, val, run.device, run.rank, run.world)})
             if main_process and (step % args.save_every == 0 or step == stop_at):
                 save_checkpoint(checkpoint, model, optimizer, scheduler, step)
-    bar.close()
+        bar.close()
+        return finish(model, processor, val, step, total_steps, record, run, args)
+
+
+def finish(model, processor, val, step, total_steps, record, run, args):
+    """Save the adapter and validate it; or, stopped early, say how to go on. The model, or None."""
     if step < total_steps:
-        if main_process:
+        if run.rank == 0:
             print(f"stopped at step {step} of {total_steps}; continue with --resume")
-            log.close()
         return None
-    if main_process:
+    if run.rank == 0:
         save_adapter(model, args.out)
     if val:
-        accuracy = evaluate(model, processor, val, device, rank, world)
-        record({"event": "eval", "step": step, **accuracy})
-        if main_process:
-            print(validation_line(step, accuracy))
-    if main_process:
+        validate(model, processor, val, step, record, run)
+    if run.rank == 0:
         print(f"adapter written to {args.out}")
-    if log:
-        log.close()
     return model
 
 
-def main():
+def main(argv=None):
     try:
-        train(parse_args())
+        train(parse_args(argv))
     finally:
         end_run()
 
@@ -452,10 +458,10 @@ def atomic_write(path, mode="w"):
         raise
 
 
-def run_main(main):
-    """Run main(); turn InputError into one line on stderr and exit status 2."""
+def run_main(main, argv=None):
+    """Run main(argv); turn InputError into one line on stderr and exit status 2."""
     try:
-        main()
+        main(argv)
     except InputError as e:
         for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
             bar.close()
@@ -997,12 +1003,43 @@ def check_run_folder(out, resume):
         raise InputError(f"{out}: already holds a training checkpoint; pass --resume to continue, or choose another --out")
 
 
-def open_train_log(path, resume_step=None):
-    """The training log, open for appending. On resume it is first cut back to the checkpoint's step,
-    since the steps after it are trained again: every step is logged once."""
+@contextmanager
+def train_log(path, resume_step, enabled=True):
+    """A function that appends an entry to the JSONL training log and flushes it (one that does nothing
+    when not `enabled`, on the other ranks). On resume the log is first cut back to the checkpoint's
+    step, since the steps after it are trained again: every step is logged once."""
+    if not enabled:
+        yield lambda entry: None
+        return
     records = [r for r in read_log(path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
     write_jsonl(path, records)
-    return open(path, "a", encoding="utf-8")
+    with open(path, "a", encoding="utf-8") as f:
+        def record(entry):
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+        yield record
+
+
+def step_batches(epoch_batches, step, stop_at, steps_per_epoch, micro_per_step, rank=0, world=1):
+    """This rank's micro-batches for each optimizer step after `step` up to `stop_at`, epoch after
+    epoch; epoch_batches(epoch) orders one epoch. A resumed run goes on mid-epoch where it stopped."""
+    while step < stop_at:
+        epoch, offset = divmod(step * micro_per_step, steps_per_epoch * micro_per_step)
+        batches = epoch_batches(epoch)[:steps_per_epoch * micro_per_step]
+        for start in range(offset, len(batches), micro_per_step):
+            if step >= stop_at:
+                return
+            yield batches[start + rank:start + micro_per_step:world]
+            step += 1
+
+
+def optimizer_update(optimizer, scheduler, trainable, max_grad_norm):
+    """Clip the gradients, step the optimizer and the schedule, clear the gradients; the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def distributed_setup():
@@ -1013,15 +1050,18 @@ def distributed_setup():
     return int(os.environ.get("RANK", 0)), world
 
 
+Run = collections.namedtuple("Run", "rank world device")
+
+
 def start_run(seed):
-    """(rank, world size, device), seeded, in the process group under torchrun."""
+    """Run(rank, world size, device), seeded, in the process group under torchrun."""
     rank, world = distributed_setup()
     random.seed(seed)
     torch.manual_seed(seed)
     device = pick_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return rank, world, device
+    return Run(rank, world, device)
 
 
 def end_run():

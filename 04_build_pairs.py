@@ -79,18 +79,15 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     try:
         local, comprehensive = (float(x) for x in args.ratio.split(":"))
-        assert local >= 0 and comprehensive >= 0 and local + comprehensive > 0
-    except (ValueError, AssertionError):
+    except ValueError:
+        p.error(f"--ratio must look like 5:5, not {args.ratio!r}")
+    if not (local >= 0 and comprehensive >= 0 and local + comprehensive > 0):
         p.error(f"--ratio must look like 5:5, not {args.ratio!r}")
     args.local_share = local / (local + comprehensive)
     args.negatives = [n for n in args.negatives.split(",") if n]
     if not args.negatives or set(args.negatives) - {"irrelevant", "incomplete"}:
         p.error("--negatives takes irrelevant and/or incomplete")
-    try:
-        args.shard_index, args.shard_count = (int(x) for x in args.shard.split("/"))
-        assert 0 <= args.shard_index < args.shard_count
-    except (ValueError, AssertionError):
-        p.error(f"--shard must be i/n with 0 <= i < n, not {args.shard!r}")
+    args.shard_index, args.shard_count = parse_shard(p, args.shard)
     if args.sparse_frames < 1 or args.num_frames < 2 or args.sparse_frames >= args.num_frames:
         p.error("need 1 <= --sparse-frames < --num-frames")
     return args
@@ -248,7 +245,7 @@ def stop_token_ids(model, tokenizer):
 
 
 @torch.no_grad()
-def choice_logprobs(model, processor, requests, choices, args, device):
+def judge_logprobs(model, processor, requests, choices, args, device):
     """For each request (frames or None, prompt), the log-probability of each choice's first token as the reply."""
     ids = [processor.tokenizer(c, add_special_tokens=False)["input_ids"][0] for c in choices]
     scores = [None] * len(requests)
@@ -339,13 +336,13 @@ def filter_attempts(model, processor, attempts, frames_of, args, device):
                 if a.get("caption") else ""
             prompt = JUDGE_PREFERENCE.format(question=a["question"], context=context, first=first, second=second)
             requests.append((frames(a, "chosen") if a["kind"] == "localized" else None, prompt))
-        for a, (score_a, score_b) in zip(judged, choice_logprobs(model, processor, requests, ["A", "B"], args, device)):
+        for a, (score_a, score_b) in zip(judged, judge_logprobs(model, processor, requests, ["A", "B"], args, device)):
             a["judge_margin"] = (score_a - score_b) if a["judge_order"] else (score_b - score_a)
             if a["judge_margin"] < 0:
                 a["dropped_by"] = "judge_prefers_rejected"
         local_judged = [a for a in judged if a["kind"] == "localized" and a["dropped_by"] is None]
         requests = [(None, JUDGE_ANSWERABLE.format(caption=a["caption"], question=a["question"])) for a in local_judged]
-        for a, (yes, no) in zip(local_judged, choice_logprobs(model, processor, requests, ["yes", "no"], args, device)):
+        for a, (yes, no) in zip(local_judged, judge_logprobs(model, processor, requests, ["yes", "no"], args, device)):
             a["answerable_margin"] = yes - no
             if yes < no:
                 a["dropped_by"] = "unanswerable"
@@ -401,11 +398,9 @@ def write_stats(out_dir, attempts, bad_videos, targets, seconds, made, exhausted
     return stats
 
 
-def main():
-    args = parse_args()
-    videos = list_videos(args.videos)[args.shard_index::args.shard_count]
-    if not videos:
-        raise InputError(f"{args.videos}: no videos in shard {args.shard}")
+def open_logs(args):
+    """(attempts.jsonl path, pairs.jsonl path, attempts logged so far, pairs kept so far) in --out;
+    a resumed run first cuts both logs back to what they agree on."""
     make_out_dir(args.out)
     attempts_path, pairs_path = os.path.join(args.out, "attempts.jsonl"), os.path.join(args.out, "pairs.jsonl")
     if not args.resume and os.path.exists(attempts_path):
@@ -414,53 +409,67 @@ def main():
     if args.resume:  # otherwise both logs are created with the first attempts, so a failed start leaves none
         write_jsonl(attempts_path, done)
         write_jsonl(pairs_path, pairs)
+    return attempts_path, pairs_path, done, pairs
 
+
+def next_group(slot, usable, args, taken, finished, kept, targets):
+    """The attempts of the slot group starting at `slot` that are still wanted, and how many slots
+    found no fresh attempt. Groups are fixed runs of --batch-size slots, so a resume regroups alike."""
+    group, exhausted = [], 0
+    for s in range(slot, min(int(args.max_attempts * args.num_pairs), slot + args.batch_size)):
+        index, kind = slot_plan(s, len(usable), args.local_share, args.seed)
+        attempt = fresh_attempt(s, usable[index], kind, args, taken)
+        if s not in finished and kept[kind] < targets[kind]:
+            if attempt is None:
+                exhausted += 1
+            else:
+                group.append(attempt)
+    return group, exhausted
+
+
+def keep_results(results, kept, targets, out_dir):
+    """(pair records, attempt log lines) of a finished group; counts kept pairs in `kept` and drops
+    those past their kind's target as surplus."""
+    new_pairs, logged = [], []
+    for a in results:
+        keep = a["dropped_by"] is None and kept[a["kind"]] < targets[a["kind"]]
+        if a["dropped_by"] is None and not keep:
+            a["dropped_by"] = "surplus"  # passed every filter, but its group already filled the kind's target
+        kept[a["kind"]] += keep
+        logged.append({"slot": a["slot"], "id": a["id"], "video": a["video"]["id"], "kind": a["kind"],
+                       "negative": a["negative"], "question_source": a.get("question_source"),
+                       "kept": keep, "dropped_by": a["dropped_by"]})
+        if keep:
+            new_pairs.append(pair_record(a, out_dir))
+    return new_pairs, logged
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    videos = list_videos(args.videos)[args.shard_index::args.shard_count]
+    if not videos:
+        raise InputError(f"{args.videos}: no videos in shard {args.shard}")
+    attempts_path, pairs_path, done, pairs = open_logs(args)
     usable, bad = usable_videos(videos, min_frames=max(8, args.sparse_frames + 4), show=True)
     if not usable:
         raise InputError(f"{args.videos}: no readable videos ({len(bad)} skipped)")
     device = pick_device()
-    model, processor = load_model(args.model, args.four_bit, device)
-    if args.adapter:
-        from peft import PeftModel
-        if not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-            raise InputError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
-        model = PeftModel.from_pretrained(model, args.adapter)
-    model.eval()
+    model, processor = load_for_inference(args.model, args.adapter, args.four_bit, device)
 
     local_target = round(args.num_pairs * args.local_share)
     targets = {"localized": local_target, "comprehensive": args.num_pairs - local_target}
     kept = {k: sum(a["kept"] and a["kind"] == k for a in done) for k in targets}
-    finished = {a["slot"] for a in done}
-    max_slots = int(args.max_attempts * args.num_pairs)
+    finished, max_slots = {a["slot"] for a in done}, int(args.max_attempts * args.num_pairs)
     began = time.perf_counter()
     bar = tqdm(total=args.num_pairs, initial=sum(kept.values()), desc="pairs kept", unit="pair")
     slot, taken, exhausted = 0, set(), 0
     while slot < max_slots and any(kept[k] < targets[k] for k in targets):
-        group = []
-        for s in range(slot, min(max_slots, slot + args.batch_size)):  # fixed slot groups: a resume regroups alike
-            index, kind = slot_plan(s, len(usable), args.local_share, args.seed)
-            attempt = fresh_attempt(s, usable[index], kind, args, taken)
-            if s not in finished and kept[kind] < targets[kind]:
-                if attempt is None:
-                    exhausted += 1
-                else:
-                    group.append(attempt)
-        slot += args.batch_size
+        group, none_left = next_group(slot, usable, args, taken, finished, kept, targets)
+        slot, exhausted = slot + args.batch_size, exhausted + none_left
         if not group:
             continue
         torch.manual_seed(hash_seed(args.seed, slot))  # sampling depends only on the seed and the group
-        results = run_attempts(model, processor, group, args, device)
-        new_pairs, logged = [], []
-        for a in results:
-            keep = a["dropped_by"] is None and kept[a["kind"]] < targets[a["kind"]]
-            if a["dropped_by"] is None and not keep:
-                a["dropped_by"] = "surplus"  # passed every filter, but its group already filled the kind's target
-            kept[a["kind"]] += keep
-            logged.append({"slot": a["slot"], "id": a["id"], "video": a["video"]["id"], "kind": a["kind"],
-                           "negative": a["negative"], "question_source": a.get("question_source"),
-                           "kept": keep, "dropped_by": a["dropped_by"]})
-            if keep:
-                new_pairs.append(pair_record(a, args.out))
+        new_pairs, logged = keep_results(run_attempts(model, processor, group, args, device), kept, targets, args.out)
         append_jsonl(pairs_path, new_pairs)  # pairs first: an unlogged pair is dropped on resume
         append_jsonl(attempts_path, logged)
         done += logged
@@ -560,10 +569,21 @@ def atomic_write(path, mode="w"):
         raise
 
 
-def run_main(main):
-    """Run main(); turn InputError into one line on stderr and exit status 2."""
+def parse_shard(parser, shard):
+    """(i, n) from a --shard value "i/n"; a usage error unless 0 <= i < n."""
     try:
-        main()
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        parser.error(f"--shard must be i/n with 0 <= i < n, not {shard!r}")
+    return index, count
+
+
+def run_main(main, argv=None):
+    """Run main(argv); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main(argv)
     except InputError as e:
         for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
             bar.close()
@@ -613,6 +633,22 @@ def load_model(path, four_bit=True, device=None, dtype=None):
                    f"on ({', '.join(TESTED_ARCHITECTURES)}); check its prompts and numbers", file=sys.stderr)
     keep_4bit_layout(model)
     return model, processor
+
+
+def check_adapter_folder(folder):
+    """InputError unless `folder` holds a PEFT adapter."""
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise InputError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+
+
+def load_for_inference(path, adapter, four_bit, device):
+    """(model in eval mode, processor), with the PEFT adapter in the folder `adapter` applied if given."""
+    model, processor = load_model(path, four_bit, device)
+    if adapter:
+        from peft import PeftModel
+        check_adapter_folder(adapter)
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), processor
 
 
 def check_chat_template(processor, path):

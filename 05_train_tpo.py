@@ -28,6 +28,8 @@ Pairs: {"id", "video", "prompt", "chosen", "rejected", "frames": {"train": [indi
 OUT/train_log.jsonl, OUT/reference_logps.jsonl and OUT/checkpoint/.
 """
 import argparse
+import collections
+import functools
 import inspect
 import json
 import math
@@ -266,14 +268,14 @@ def rows_logps(model, processor, pairs_encoded, device, shared_prompt=True, fuse
     vision_keys = [k for k in pairs_encoded[0][0]["extras"] if k.startswith("pixel_values")]
     if shared_prompt:
         embed_dtype = hf_model.get_input_embeddings().weight.dtype
-        input_ids, mask, positions, (row, source, targets, owner) = packed_pairs(
+        input_ids, mask, positions, (token_row, source, targets, owner) = packed_pairs(
             pairs_encoded, positions, processor.tokenizer.pad_token_id, embed_dtype, device)
         videos_per_row = 1
     else:
         input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
         response = labels[:, 1:] != -100
-        row, source = response.nonzero(as_tuple=True)
-        targets, owner = labels[:, 1:][response], row
+        token_row, source = response.nonzero(as_tuple=True)
+        targets, owner = labels[:, 1:][response], token_row
         videos_per_row = 2
     encoded = {}
     if vision_keys:
@@ -282,7 +284,7 @@ def rows_logps(model, processor, pairs_encoded, device, shared_prompt=True, fuse
         encoded["video"] = video_encodings(hf_model, vision_inputs, copies=videos_per_row)
     hidden = hf_model.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, mm_encoder_outputs=encoded,
                             use_cache=False).last_hidden_state
-    logps = head_logprobs(hf_model, hidden[row, source], targets, fused)
+    logps = head_logprobs(hf_model, hidden[token_row, source], targets, fused)
     sums = torch.zeros(len(rows), device=device, dtype=torch.float32).index_add(0, owner, logps)
     return sums, torch.bincount(owner, minlength=len(rows))
 
@@ -323,8 +325,8 @@ def reference_mode(model):
 def prepare_policy(model, args):
     """LoRA policy: a fresh adapter, or the T3 adapter trained further (a frozen copy is the reference)."""
     from peft import PeftModel, get_peft_model
-    if args.adapter and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
-        raise InputError(f"{args.adapter}: not a PEFT adapter folder (no adapter_config.json)")
+    if args.adapter:
+        check_adapter_folder(args.adapter)
     model = prepare_for_lora(model, args)
     if not args.adapter:
         return get_peft_model(model, lora_config(args))
@@ -384,25 +386,46 @@ def warn_if_revisiting(total_steps, pairs_per_step, train_pairs, held_out):
                       " (with 10 or more pairs, --val-fraction holds some out to show it)"), file=sys.stderr)
 
 
-def train(args):
-    """Train and save the TPO adapter; returns the trained PEFT model (None when stopped early)."""
-    rank, world, device = start_run(args.seed)
-    main_process = rank == 0
-    pairs = load_pairs(args.pairs, args.video_root)
-    check_run_folder(args.out, args.resume)
+def load_policy(args, device):
+    """The 4-bit model with its trainable policy adapter (and the frozen reference), dropout off."""
     model, processor = load_model(args.model, args.four_bit, device)
     if not hasattr(model.model, "get_video_features"):  # e.g. SmolVLM2, which reads a video as images
         raise InputError(f"{args.model}: {model.config.model_type} has no video encoder (get_video_features), "
                          "which this stage runs once per pair; it supports Qwen-VL and LLaVA-OneVision style models")
     model = prepare_policy(model, args)
     disable_dropout(model)
+    return model, processor
+
+
+def accumulate_gradients(model, processor, pairs, encoded, reference, micro_batches, args, device):
+    """Forward and backward over one optimizer step's micro-batches of pairs on this rank: the mean metrics."""
+    totals = {}
+    for micro in micro_batches:
+        sums, counts = rows_logps(model, processor, [encoded[i] for i in micro], device, args.shared_prompt,
+                                  args.fused_head)
+        ref = torch.tensor([reference[str(pairs[i]["id"])] for i in micro], device=device)
+        loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[:, 0], ref[:, 1],
+                                 chosen_nll(sums, counts, args.sft_norm), args.beta, args.alpha)
+        (loss / len(micro_batches)).backward()
+        for key, value in dict(metrics, loss=loss.item()).items():
+            totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
+    return totals
+
+
+def train(args):
+    """Train and save the TPO adapter; returns the trained PEFT model (None when stopped early)."""
+    run = start_run(args.seed)
+    main_process = run.rank == 0
+    pairs = load_pairs(args.pairs, args.video_root)
+    check_run_folder(args.out, args.resume)
+    model, processor = load_policy(args, run.device)
     pairs, encoded = encode_pairs(processor, pairs, args.num_frames, main_process)
-    reference = reference_logps(model, processor, pairs, encoded, os.path.join(args.out, f"reference_logps.rank{rank}.jsonl"),
-                                device, main_process, args)
+    reference = reference_logps(model, processor, pairs, encoded, os.path.join(args.out, f"reference_logps.rank{run.rank}.jsonl"),
+                                run.device, main_process, args)
     pairs, encoded, held_pairs, held_encoded = split_held_out(pairs, encoded, args.val_fraction, args.seed)
     model.train()
 
-    micro_per_step = args.grad_accum * world
+    micro_per_step = args.grad_accum * run.world
     steps_per_epoch = max(1, len(pair_batches(len(pairs), args.batch_size, args.seed, 0)) // micro_per_step)
     total_steps = args.max_steps or max(1, math.ceil(args.epochs * steps_per_epoch))
     if main_process:
@@ -410,48 +433,33 @@ def train(args):
     trainable, optimizer, scheduler = optimizer_and_schedule(model, args, total_steps)
     checkpoint = os.path.join(args.out, "checkpoint")
     step = load_checkpoint(checkpoint, model, optimizer, scheduler) if args.resume else 0
-
-    log = open_train_log(os.path.join(args.out, "train_log.jsonl"), step if args.resume else None) if main_process else None
-    bar = tqdm(total=total_steps, initial=step, desc="tpo", unit="step", disable=not main_process)
     stop_at = min(total_steps, args.stop_after_steps or total_steps)
-    while step < stop_at:
-        epoch, offset = divmod(step * micro_per_step, steps_per_epoch * micro_per_step)
-        batches = pair_batches(len(pairs), args.batch_size, args.seed, epoch)[:steps_per_epoch * micro_per_step]
-        for start in range(offset, len(batches), micro_per_step):
-            if step >= stop_at:
-                break
-            began, totals = time.perf_counter(), {}
-            mine = batches[start + rank:start + micro_per_step:world]
-            for micro in mine:
-                sums, counts = rows_logps(model, processor, [encoded[i] for i in micro], device, args.shared_prompt,
-                                          args.fused_head)
-                ref = torch.tensor([reference[str(pairs[i]["id"])] for i in micro], device=device)
-                loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[:, 0], ref[:, 1],
-                                         chosen_nll(sums, counts, args.sft_norm), args.beta, args.alpha)
-                (loss / len(mine)).backward()
-                for key, value in dict(metrics, loss=loss.item()).items():
-                    totals[key] = totals.get(key, 0.0) + value / len(mine)
-            average_gradients(trainable, world)
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+    epoch_batches = functools.partial(pair_batches, len(pairs), args.batch_size, args.seed)
+    with train_log(os.path.join(args.out, "train_log.jsonl"), step if args.resume else None, main_process) as record:
+        bar = tqdm(total=total_steps, initial=step, desc="tpo", unit="step", disable=not main_process)
+        for micro_batches in step_batches(epoch_batches, step, stop_at, steps_per_epoch, micro_per_step, run.rank, run.world):
+            began = time.perf_counter()
+            totals = accumulate_gradients(model, processor, pairs, encoded, reference, micro_batches, args, run.device)
+            average_gradients(trainable, run.world)
+            grad_norm = optimizer_update(optimizer, scheduler, trainable, args.max_grad_norm)
             step += 1
             bar.set_postfix(loss=f"{totals['loss']:.3f}", acc=f"{totals['reward_accuracy']:.2f}", margin=f"{totals['margin']:.3f}")
             bar.update()
             checkpoint_now = step % args.save_every == 0 or step == stop_at
-            if log:
+            if main_process:
                 entry = {"step": step, **{k: round(v, 8) for k, v in totals.items()}, "lr": scheduler.get_last_lr()[0],
                          "grad_norm": round(float(grad_norm), 4), "seconds": round(time.perf_counter() - began, 3)}
                 if held_pairs and checkpoint_now:
-                    entry.update(held_out_metrics(model, processor, held_pairs, held_encoded, reference, args, device))
-                log.write(json.dumps(entry) + "\n")
-                log.flush()
+                    entry.update(held_out_metrics(model, processor, held_pairs, held_encoded, reference, args, run.device))
+                record(entry)
             if main_process and checkpoint_now:
                 save_checkpoint(checkpoint, model, optimizer, scheduler, step)
-    bar.close()
-    if log:
-        log.close()
+        bar.close()
+    return finish(model, step, total_steps, main_process, args)
+
+
+def finish(model, step, total_steps, main_process, args):
+    """Save the policy adapter alone; or, stopped early, say how to go on. The model, or None."""
     if step < total_steps:
         if main_process:
             print(f"stopped at step {step} of {total_steps}; continue with --resume")
@@ -465,9 +473,9 @@ def train(args):
     return model
 
 
-def main():
+def main(argv=None):
     try:
-        train(parse_args())
+        train(parse_args(argv))
     finally:
         end_run()
 
@@ -539,10 +547,10 @@ def atomic_write(path, mode="w"):
         raise
 
 
-def run_main(main):
-    """Run main(); turn InputError into one line on stderr and exit status 2."""
+def run_main(main, argv=None):
+    """Run main(argv); turn InputError into one line on stderr and exit status 2."""
     try:
-        main()
+        main(argv)
     except InputError as e:
         for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
             bar.close()
@@ -592,6 +600,12 @@ def load_model(path, four_bit=True, device=None, dtype=None):
                    f"on ({', '.join(TESTED_ARCHITECTURES)}); check its prompts and numbers", file=sys.stderr)
     keep_4bit_layout(model)
     return model, processor
+
+
+def check_adapter_folder(folder):
+    """InputError unless `folder` holds a PEFT adapter."""
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise InputError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
 
 
 def check_chat_template(processor, path):
@@ -1072,12 +1086,43 @@ def check_run_folder(out, resume):
         raise InputError(f"{out}: already holds a training checkpoint; pass --resume to continue, or choose another --out")
 
 
-def open_train_log(path, resume_step=None):
-    """The training log, open for appending. On resume it is first cut back to the checkpoint's step,
-    since the steps after it are trained again: every step is logged once."""
+@contextmanager
+def train_log(path, resume_step, enabled=True):
+    """A function that appends an entry to the JSONL training log and flushes it (one that does nothing
+    when not `enabled`, on the other ranks). On resume the log is first cut back to the checkpoint's
+    step, since the steps after it are trained again: every step is logged once."""
+    if not enabled:
+        yield lambda entry: None
+        return
     records = [r for r in read_log(path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
     write_jsonl(path, records)
-    return open(path, "a", encoding="utf-8")
+    with open(path, "a", encoding="utf-8") as f:
+        def record(entry):
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+        yield record
+
+
+def step_batches(epoch_batches, step, stop_at, steps_per_epoch, micro_per_step, rank=0, world=1):
+    """This rank's micro-batches for each optimizer step after `step` up to `stop_at`, epoch after
+    epoch; epoch_batches(epoch) orders one epoch. A resumed run goes on mid-epoch where it stopped."""
+    while step < stop_at:
+        epoch, offset = divmod(step * micro_per_step, steps_per_epoch * micro_per_step)
+        batches = epoch_batches(epoch)[:steps_per_epoch * micro_per_step]
+        for start in range(offset, len(batches), micro_per_step):
+            if step >= stop_at:
+                return
+            yield batches[start + rank:start + micro_per_step:world]
+            step += 1
+
+
+def optimizer_update(optimizer, scheduler, trainable, max_grad_norm):
+    """Clip the gradients, step the optimizer and the schedule, clear the gradients; the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def distributed_setup():
@@ -1088,15 +1133,18 @@ def distributed_setup():
     return int(os.environ.get("RANK", 0)), world
 
 
+Run = collections.namedtuple("Run", "rank world device")
+
+
 def start_run(seed):
-    """(rank, world size, device), seeded, in the process group under torchrun."""
+    """Run(rank, world size, device), seeded, in the process group under torchrun."""
     rank, world = distributed_setup()
     random.seed(seed)
     torch.manual_seed(seed)
     device = pick_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return rank, world, device
+    return Run(rank, world, device)
 
 
 def end_run():

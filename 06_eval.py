@@ -81,11 +81,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.merge and not (args.model and args.bench):
         p.error("--model and --bench are required (unless --merge)")
-    try:
-        args.shard_index, args.shard_count = (int(x) for x in args.shard.split("/"))
-        assert 0 <= args.shard_index < args.shard_count
-    except (ValueError, AssertionError):
-        p.error(f"--shard must be i/n with 0 <= i < n, not {args.shard!r}")
+    args.shard_index, args.shard_count = parse_shard(p, args.shard)
     for flag, value in (("--num-frames", args.num_frames), ("--batch-size", args.batch_size), ("--limit", 1 if args.limit is None else args.limit),
                         ("--max-new-tokens", args.max_new_tokens)):
         if value < 1:
@@ -329,9 +325,17 @@ def to_item(fmt, record, where, bench_dir, video_root, prompt_style, hint=""):
                              find_video(video_root or bench_dir, item["video"], (hint, *item["groups"].values())))
         except InputError as e:
             raise InputError(f"{where}: {e}") from None
-    fallback = where.rsplit(" ", 1)[-1].rsplit(":", 1)[-1]
-    item["id"] = str(record.get("id", record.get("question_id", record.get("uid", fallback))))
+    item["id"] = record_id(record, where)
     return item
+
+
+def record_id(record, where):
+    """The record's id as its layout names it (id, question_id or uid), else its place in the file
+    (the line or item number that ends `where`)."""
+    for key in ("id", "question_id", "uid"):
+        if key in record:
+            return str(record[key])
+    return where.rsplit(" ", 1)[-1].rsplit(":", 1)[-1]
 
 
 def find_video(folder, name, hints=()):
@@ -435,8 +439,7 @@ def load_variants(args, device):
     if args.adapters:
         from peft import PeftModel
         for i, (name, folder) in enumerate(args.adapters):
-            if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-                raise InputError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+            check_adapter_folder(folder)
             if i == 0:
                 model = PeftModel.from_pretrained(model, folder, adapter_name=name)
             else:
@@ -715,10 +718,9 @@ def merge(args):
     print(write_results(args.out, predictions, skipped, {**meta, "skipped": skipped, "merged": args.merge}))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.merge:
-        return merge(args)
+def read_benches(args):
+    """[(name, layout, items, unscorable)] of every --bench, and this shard's (bench name, item) pairs
+    that have a video (or need none), and those that do not."""
     benches = [read_bench(spec, args.format, args.video_root, args.limit, args.prompt) for spec in args.bench]
     names = [name for name, *_ in benches]
     if len(set(names)) != len(names):
@@ -726,6 +728,11 @@ def main(argv=None):
         raise InputError(f"several --bench files are named {', '.join(twice)}; give each a name: --bench NAME=FILE")
     items = [(name, item) for name, _, bench_items, _ in benches for item in bench_items][args.shard_index::args.shard_count]
     items, missing = check_videos(items, args.skip_missing, args.video_root)
+    return benches, items, missing
+
+
+def start_predictions(args):
+    """(predictions.jsonl path, the predictions already there): settings.json written, a resume checked."""
     make_out_dir(args.out)
     settings = run_settings(args)
     if args.resume:
@@ -735,14 +742,13 @@ def main(argv=None):
     path = os.path.join(args.out, "predictions.jsonl")
     predictions = read_log(path) if args.resume else []
     write_jsonl(path, predictions)  # drops a torn last line, or starts afresh without --resume
-    device = pick_device()
-    model, processor, variants = load_variants(args, device)
-    done = {(p["model"], p["bench"], p["id"]) for p in predictions}
-    todo = [(b, i) for b, i in items if any((v, b, i["id"]) not in done for v, _ in variants)]
-    skipped = {}
-    for bench, _ in missing:
-        skipped[bench] = skipped.get(bench, 0) + 1
-    began = time.perf_counter()
+    return path, predictions
+
+
+def predict(model, processor, variants, todo, done, path, skipped, args, device):
+    """Score every (bench, item) in `todo` with every variant not yet `done`, appending each batch's
+    predictions to `path`; counts items without a readable video in `skipped`. The new predictions."""
+    predictions = []
     bar = tqdm(total=len(todo), desc=f"eval ({len(variants)} models)", unit="item")
     for batch in batches(todo, args.batch_size):
         batch, frames, bad = decode(batch, args.num_frames, args.skip_missing, processor)  # once for every model
@@ -759,13 +765,36 @@ def main(argv=None):
         predictions += new
         bar.update(len(batch) + len(bad))
     bar.close()
-    meta = {"model": args.model, "adapters": dict(args.adapters), "benches": [s for s in args.bench], "mode": args.mode,
+    return predictions
+
+
+def run_meta(args, benches, skipped, seconds):
+    """What results.json records about the run beside the accuracies."""
+    return {"model": args.model, "adapters": dict(args.adapters), "benches": [s for s in args.bench], "mode": args.mode,
             "prompt": args.prompt, "formats": {name: layout for name, layout, _, _ in benches},
             "example_prompts": {name: bench_items[0]["prompt"] for name, _, bench_items, _ in benches},
             "text_only": [name for name, _, bench_items, _ in benches if bench_items[0]["video"] is None],
             "unscorable": {name: n for name, _, _, n in benches if n},
             "num_frames": args.num_frames, "shard": args.shard, "skipped": skipped,
-            "videos_with_decoder_errors": sorted(decode_warnings), "seconds": round(time.perf_counter() - began, 1)}
+            "videos_with_decoder_errors": sorted(decode_warnings), "seconds": round(seconds, 1)}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.merge:
+        return merge(args)
+    benches, items, missing = read_benches(args)
+    path, predictions = start_predictions(args)
+    device = pick_device()
+    model, processor, variants = load_variants(args, device)
+    done = {(p["model"], p["bench"], p["id"]) for p in predictions}
+    todo = [(b, i) for b, i in items if any((v, b, i["id"]) not in done for v, _ in variants)]
+    skipped = {}
+    for bench, _ in missing:
+        skipped[bench] = skipped.get(bench, 0) + 1
+    began = time.perf_counter()
+    predictions += predict(model, processor, variants, todo, done, path, skipped, args, device)
+    meta = run_meta(args, benches, skipped, time.perf_counter() - began)
     print(write_results(args.out, predictions, skipped, meta))
     print(f"results in {args.out}/results.md and results.json; every answer in {path}"
           + (f"; skipped {sum(skipped.values())} items without a readable video" if skipped else "")
@@ -854,10 +883,21 @@ def atomic_write(path, mode="w"):
         raise
 
 
-def run_main(main):
-    """Run main(); turn InputError into one line on stderr and exit status 2."""
+def parse_shard(parser, shard):
+    """(i, n) from a --shard value "i/n"; a usage error unless 0 <= i < n."""
     try:
-        main()
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        parser.error(f"--shard must be i/n with 0 <= i < n, not {shard!r}")
+    return index, count
+
+
+def run_main(main, argv=None):
+    """Run main(argv); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main(argv)
     except InputError as e:
         for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
             bar.close()
@@ -907,6 +947,12 @@ def load_model(path, four_bit=True, device=None, dtype=None):
                    f"on ({', '.join(TESTED_ARCHITECTURES)}); check its prompts and numbers", file=sys.stderr)
     keep_4bit_layout(model)
     return model, processor
+
+
+def check_adapter_folder(folder):
+    """InputError unless `folder` holds a PEFT adapter."""
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise InputError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
 
 
 def check_chat_template(processor, path):

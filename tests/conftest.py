@@ -1,5 +1,4 @@
 """Shared fixtures: tiny models of real architectures (built once per session) and stage loading."""
-import importlib.util
 import os
 import sys
 
@@ -12,17 +11,10 @@ if not torch.cuda.is_available():
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "bench"))
 
-
-def load_stage(filename):
-    """Import a numbered stage script (its name is not a valid module name) without running main()."""
-    spec = importlib.util.spec_from_file_location(filename[:-3].lstrip("0123456789_"), os.path.join(REPO, filename))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-import tiny_model  # noqa: E402  (after the sys.path line above)
+import tiny_model  # noqa: E402  (after the sys.path lines above)
+from stages import load_stage  # noqa: E402,F401  (one helper for tests and benchmarks)
 
 # The models the per-model tests run on: the tiny defaults, then the tiny twin of every real
 # checkpoint folder on this machine ("real:NAME", see tiny_model.real_processor_folders).

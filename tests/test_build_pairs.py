@@ -130,7 +130,7 @@ def test_filters_drop_what_they_claim(monkeypatch):
             return [((-1.0, 0.0) if a["judge_order"] else (0.0, -1.0)) if a is attempts[4] else
                     ((0.0, -1.0) if a["judge_order"] else (-1.0, 0.0)) for a in [x for x in attempts if x["dropped_by"] is None]]
         return [(-2.0, -1.0), (-1.0, -2.0)]  # attempt 6 unanswerable, attempt 7 answerable
-    monkeypatch.setattr(pairs_stage, "choice_logprobs", judge)
+    monkeypatch.setattr(pairs_stage, "judge_logprobs", judge)
     results = pairs_stage.run_attempts(None, None, attempts, args, None)
     assert [a["dropped_by"] for a in results] == ["empty", "identical", "near_identical", "truncated",
                                                   "judge_prefers_rejected", None, "unanswerable", None]

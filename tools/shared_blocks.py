@@ -4,6 +4,7 @@ Each stage stays a single self-contained file: tools/sync_shared.py copies into 
 the definitions below that its own code reaches and nothing else. This file imports like a
 module so that linters and tests can read it, but no stage imports it.
 """
+import collections
 import json
 import math
 import os
@@ -104,10 +105,21 @@ def atomic_write(path, mode="w"):
         raise
 
 
-def run_main(main):
-    """Run main(); turn InputError into one line on stderr and exit status 2."""
+def parse_shard(parser, shard):
+    """(i, n) from a --shard value "i/n"; a usage error unless 0 <= i < n."""
     try:
-        main()
+        index, count = (int(x) for x in shard.split("/"))
+    except ValueError:
+        index, count = -1, 0
+    if not 0 <= index < count:
+        parser.error(f"--shard must be i/n with 0 <= i < n, not {shard!r}")
+    return index, count
+
+
+def run_main(main, argv=None):
+    """Run main(argv); turn InputError into one line on stderr and exit status 2."""
+    try:
+        main(argv)
     except InputError as e:
         for bar in list(getattr(tqdm, "_instances", [])):  # end progress bars first: the error is the last line
             bar.close()
@@ -157,6 +169,22 @@ def load_model(path, four_bit=True, device=None, dtype=None):
                    f"on ({', '.join(TESTED_ARCHITECTURES)}); check its prompts and numbers", file=sys.stderr)
     keep_4bit_layout(model)
     return model, processor
+
+
+def check_adapter_folder(folder):
+    """InputError unless `folder` holds a PEFT adapter."""
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise InputError(f"{folder}: not a PEFT adapter folder (no adapter_config.json)")
+
+
+def load_for_inference(path, adapter, four_bit, device):
+    """(model in eval mode, processor), with the PEFT adapter in the folder `adapter` applied if given."""
+    model, processor = load_model(path, four_bit, device)
+    if adapter:
+        from peft import PeftModel
+        check_adapter_folder(adapter)
+        model = PeftModel.from_pretrained(model, adapter)
+    return model.eval(), processor
 
 
 def check_chat_template(processor, path):
@@ -792,12 +820,43 @@ def check_run_folder(out, resume):
         raise InputError(f"{out}: already holds a training checkpoint; pass --resume to continue, or choose another --out")
 
 
-def open_train_log(path, resume_step=None):
-    """The training log, open for appending. On resume it is first cut back to the checkpoint's step,
-    since the steps after it are trained again: every step is logged once."""
+@contextmanager
+def train_log(path, resume_step, enabled=True):
+    """A function that appends an entry to the JSONL training log and flushes it (one that does nothing
+    when not `enabled`, on the other ranks). On resume the log is first cut back to the checkpoint's
+    step, since the steps after it are trained again: every step is logged once."""
+    if not enabled:
+        yield lambda entry: None
+        return
     records = [r for r in read_log(path) if r.get("step", 0) <= resume_step] if resume_step is not None else []
     write_jsonl(path, records)
-    return open(path, "a", encoding="utf-8")
+    with open(path, "a", encoding="utf-8") as f:
+        def record(entry):
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+        yield record
+
+
+def step_batches(epoch_batches, step, stop_at, steps_per_epoch, micro_per_step, rank=0, world=1):
+    """This rank's micro-batches for each optimizer step after `step` up to `stop_at`, epoch after
+    epoch; epoch_batches(epoch) orders one epoch. A resumed run goes on mid-epoch where it stopped."""
+    while step < stop_at:
+        epoch, offset = divmod(step * micro_per_step, steps_per_epoch * micro_per_step)
+        batches = epoch_batches(epoch)[:steps_per_epoch * micro_per_step]
+        for start in range(offset, len(batches), micro_per_step):
+            if step >= stop_at:
+                return
+            yield batches[start + rank:start + micro_per_step:world]
+            step += 1
+
+
+def optimizer_update(optimizer, scheduler, trainable, max_grad_norm):
+    """Clip the gradients, step the optimizer and the schedule, clear the gradients; the norm before clipping."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def distributed_setup():
@@ -808,15 +867,18 @@ def distributed_setup():
     return int(os.environ.get("RANK", 0)), world
 
 
+Run = collections.namedtuple("Run", "rank world device")
+
+
 def start_run(seed):
-    """(rank, world size, device), seeded, in the process group under torchrun."""
+    """Run(rank, world size, device), seeded, in the process group under torchrun."""
     rank, world = distributed_setup()
     random.seed(seed)
     torch.manual_seed(seed)
     device = pick_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    return rank, world, device
+    return Run(rank, world, device)
 
 
 def end_run():
