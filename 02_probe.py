@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -239,7 +240,19 @@ def write_video(path, frames, fps=8):
     os.replace(tmp, path)
 
 
-def render_videos(plans, out, num_frames):
+class ProbeVideo(TypedDict):
+    """A rendered probe video as videos.jsonl keeps it and every later step reads it."""
+    id: str  # "{aspect}-{split}-{number}"
+    aspect: str  # the temporal aspect it tests (a key of ASPECTS)
+    split: str  # "train" or "test" (of the probes)
+    label: int  # index of the right option
+    video: str  # path relative to --out
+    question: str
+    options: list
+    description: str  # frame-by-frame text for the text-only LLM
+
+
+def render_videos(plans, out, num_frames) -> list[ProbeVideo]:
     """Write each planned video (skipping ones already there) and return its manifest record."""
     records = []
     for plan in tqdm(plans, desc="render", unit="video", mininterval=2):

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -52,6 +53,39 @@ JUDGE_ANSWERABLE = ('Description of a video moment: "{caption}"\nQuestion: {ques
                     "Can the question be answered from this description? Reply yes or no.")
 DROP_RULES = ["unreadable_video", "empty", "identical", "near_identical", "truncated", "judge_prefers_rejected",
               "unanswerable", "surplus"]
+
+
+class Video(TypedDict, total=False):
+    """A video to make pairs from (list_videos); `frames` is added once it is measured (usable_videos)."""
+    id: str
+    path: str
+    caption: str  # optional, from a JSONL list
+    question: str  # optional: a whole-video question to ask instead of one the model writes
+    frames: int
+
+
+class Attempt(TypedDict, total=False):
+    """One try at a preference pair, as it passes through the phases: planned (plan_attempt), then
+    captioned, questioned and answered (write_questions, filter_attempts), then filtered (dropped_by
+    and the judge's margins). Later phases add their keys."""
+    slot: int
+    id: str  # "{video id}:{kind}:{slot}"
+    kind: str  # "localized" or "comprehensive"
+    video: Video
+    negative: str  # how the rejected answer's frames were chosen: "irrelevant" or "incomplete"
+    frames: dict  # frame indices per view: train, chosen, rejected (and the localized segment)
+    segment: list  # [start, end) frames of a localized attempt's moment
+    question: str  # None until written
+    fallback_question: str  # a comprehensive attempt's template question
+    question_source: str  # "generated", "template" or "given"
+    judge_order: bool  # whether the judge sees the chosen answer first
+    caption: str
+    chosen: str
+    rejected: str
+    truncated: bool
+    dropped_by: str  # the rule that dropped it, or None if kept
+    judge_margin: float
+    answerable_margin: float
 
 
 def parse_args(argv=None):
@@ -95,7 +129,7 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- videos in
 
-def list_videos(source):
+def list_videos(source) -> list[Video]:
     """[{id, path, caption?, question?}] from a folder (recursively) or a JSONL, sorted by id."""
     if os.path.isdir(source):
         videos = [{"id": os.path.relpath(os.path.join(root, name), source), "path": os.path.abspath(os.path.join(root, name))}
@@ -159,12 +193,12 @@ def jittered_indices(total, count, rng):
     return [min(total - 1, int((i + rng.random()) * total / count)) for i in range(count)]
 
 
-def plan_attempt(slot, video, kind, args, retry=0):
+def plan_attempt(slot, video, kind, args, retry=0) -> Attempt:
     """Everything random about one attempt, from (seed, slot, retry) alone: which frames each answer
     sees (jittered, so attempts on one video differ) and, for a comprehensive attempt, its fallback question."""
     rng = random.Random(f"{args.seed}:{slot}" + (f":{retry}" if retry else ""))
     total, dense = video["frames"], args.num_frames
-    attempt = {"slot": slot, "kind": kind, "video": video}
+    attempt: Attempt = {"slot": slot, "kind": kind, "video": video}
     train = jittered_indices(total, dense, rng)
     if kind == "comprehensive":
         sparse = jittered_indices(total, args.sparse_frames, rng)
@@ -265,7 +299,7 @@ def similarity(a, b):
     return difflib.SequenceMatcher(None, a.lower().split(), b.lower().split()).ratio()
 
 
-def run_attempts(model, processor, attempts, args, device):
+def run_attempts(model, processor, attempts: list[Attempt], args, device) -> list[Attempt]:
     """Generate captions, questions and both answers for a group of attempts, then filter them.
     Returns the attempts, each with `dropped_by`: the rule that dropped it, or None if kept."""
     frames_of = {}
@@ -282,7 +316,7 @@ def run_attempts(model, processor, attempts, args, device):
     return attempts
 
 
-def write_questions(model, processor, attempts, frames, args, device):
+def write_questions(model, processor, attempts: list[Attempt], frames, args, device):
     """The model captions what each attempt's chosen frames show (a localized segment, or the whole
     video densely) and writes a question from that caption: about the moment, or about the course of
     the whole video. A comprehensive attempt whose question comes out empty or cut off takes its
@@ -305,7 +339,7 @@ def write_questions(model, processor, attempts, frames, args, device):
             a["question"], a["question_source"] = a["fallback_question"], "template"
 
 
-def filter_attempts(model, processor, attempts, frames_of, args, device):
+def filter_attempts(model, processor, attempts: list[Attempt], frames_of, args, device) -> list[Attempt]:
     """Captions, questions and both answers from the decoded frames, then the rules and the judge."""
     frames = lambda a, which: frames_of[a["id"], which]
     write_questions(model, processor, attempts, frames, args, device)
@@ -349,7 +383,8 @@ def filter_attempts(model, processor, attempts, frames_of, args, device):
     return attempts
 
 
-def pair_record(a, out_dir):
+def pair_record(a: Attempt, out_dir):
+    """The line of pairs.jsonl for a kept attempt (the format stage 05 reads)."""
     record = {"id": a["id"], "video": os.path.relpath(a["video"]["path"], os.path.abspath(out_dir)),
               "prompt": a["question"], "chosen": a["chosen"], "rejected": a["rejected"],
               "kind": a["kind"], "negative": a["negative"], "frames": a["frames"],

@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from contextlib import contextmanager, nullcontext
+from typing import TypedDict
 
 import numpy as np
 import torch
@@ -300,7 +301,21 @@ class UnscorableRecord(ValueError):
     and reported skip in a published benchmark (MLVU's needle task ships two)."""
 
 
-def to_item(fmt, record, where, bench_dir, video_root, prompt_style, hint=""):
+class Item(TypedDict):
+    """A benchmark question as every layout becomes it (to_item) and the scoring reads it."""
+    id: str
+    video: str  # the video file's path, or None for a text-only record (t3_val)
+    question: str
+    options: list  # option texts, without their letters
+    labels: list  # the letter or number each option is answered with
+    answer: int  # index of the right option
+    answers: list  # indices of every option whose text is the answer's (MLVU repeats some)
+    groups: dict  # task, duration, ...: the columns the accuracy is broken down by
+    prompt: str  # what the model is asked
+    where: str  # file:line, for messages (read_bench adds it)
+
+
+def to_item(fmt, record, where, bench_dir, video_root, prompt_style, hint="") -> Item:
     """A benchmark record in any supported layout -> {id, video, question, options, labels, answer,
     answers, groups, prompt}: `prompt` is lmms-eval's for the published layouts (prompt_style "official")
     or the project's lettered prompt; `answers` are the options with the answer's text (MLVU repeats some)."""
