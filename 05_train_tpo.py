@@ -1005,15 +1005,6 @@ def lora_config(args):
                       target_modules=rf".*language_model.*\.({names})$", task_type="CAUSAL_LM")
 
 
-def cosine_with_warmup(optimizer, warmup, total):
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
 def save_adapter(model, out_dir):
     """peft's own adapter files, written to a temp folder and renamed into place."""
     parent = os.path.dirname(os.path.abspath(out_dir)) or "."
@@ -1153,10 +1144,12 @@ def end_run():
 
 
 def optimizer_and_schedule(model, args, total_steps):
-    """AdamW over the trainable (LoRA) parameters and a cosine schedule with warmup."""
+    """AdamW over the trainable (LoRA) parameters and transformers' cosine schedule with linear warmup
+    (as the Trainer's: the first step at learning rate 0, the peak at step `warmup`, then down to 0 at the end)."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=0.0)
-    scheduler = cosine_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
+    from transformers import get_cosine_schedule_with_warmup
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
     return trainable, optimizer, scheduler
 # ---- end shared: training ----
 
