@@ -753,7 +753,7 @@ def main(argv=None):
 
 # ---- shared: io (user input, JSONL, atomic writes) ----
 class InputError(Exception):
-    """Bad user input; main() prints it as one line and exits non-zero."""
+    """Bad user input; run_main prints it as one line and exits with status 2."""
 
 
 def read_jsonl(path):

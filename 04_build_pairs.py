@@ -66,7 +66,7 @@ class Video(TypedDict, total=False):
 
 class Attempt(TypedDict, total=False):
     """One try at a preference pair, as it passes through the phases: planned (plan_attempt), then
-    captioned, questioned and answered (write_questions, filter_attempts), then filtered (dropped_by
+    captioned, questioned and answered (write_questions, answer_and_filter), then filtered (dropped_by
     and the judge's margins). Later phases add their keys."""
     slot: int
     id: str  # "{video id}:{kind}:{slot}"
@@ -312,7 +312,7 @@ def run_attempts(model, processor, attempts: list[Attempt], args, device) -> lis
             tqdm.write(f"warning: dropping attempt {a['id']}: {e}", file=sys.stderr)
             a["dropped_by"] = "unreadable_video"
     readable = [a for a in attempts if a.get("dropped_by") != "unreadable_video"]
-    filter_attempts(model, processor, readable, frames_of, args, device)
+    answer_and_filter(model, processor, readable, frames_of, args, device)
     return attempts
 
 
@@ -339,7 +339,7 @@ def write_questions(model, processor, attempts: list[Attempt], frames, args, dev
             a["question"], a["question_source"] = a["fallback_question"], "template"
 
 
-def filter_attempts(model, processor, attempts: list[Attempt], frames_of, args, device) -> list[Attempt]:
+def answer_and_filter(model, processor, attempts: list[Attempt], frames_of, args, device):
     """Captions, questions and both answers from the decoded frames, then the rules and the judge."""
     frames = lambda a, which: frames_of[a["id"], which]
     write_questions(model, processor, attempts, frames, args, device)
@@ -380,7 +380,6 @@ def filter_attempts(model, processor, attempts: list[Attempt], frames_of, args, 
             a["answerable_margin"] = yes - no
             if yes < no:
                 a["dropped_by"] = "unanswerable"
-    return attempts
 
 
 def pair_record(a: Attempt, out_dir):
@@ -433,6 +432,8 @@ def write_stats(out_dir, attempts, bad_videos, targets, seconds, made, exhausted
     return stats
 
 
+# ---------------------------------------------------------------- the run
+
 def open_logs(args):
     """(attempts.jsonl path, pairs.jsonl path, attempts logged so far, pairs kept so far) in --out;
     a resumed run first cuts both logs back to what they agree on."""
@@ -479,6 +480,22 @@ def keep_results(results, kept, targets, out_dir):
     return new_pairs, logged
 
 
+def report_shortfall(stats, args):
+    """One warning with what was kept of each kind, what dropped the most, and what to try."""
+    top = sorted(((n, rule) for rule, n in stats["dropped_by"].items() if n), reverse=True)[:3]
+    hints = ["more videos", f"a larger --max-attempts (now {args.max_attempts:g})"]
+    if stats["dropped_by"]["identical"] + stats["dropped_by"]["near_identical"] and args.temperature == 0:
+        hints.append("--temperature 0.7 (greedy answers from two views are often the same)")
+    if stats["dropped_by"]["truncated"]:
+        hints.append(f"a larger --max-new-tokens (now {args.max_new_tokens})")
+    if stats["dropped_by"]["judge_prefers_rejected"] + stats["dropped_by"]["unanswerable"]:
+        hints.append("--no-judge, if the model is too weak to judge")
+    tqdm.write(f"warning: kept {stats['kept']} of the {args.num_pairs} pairs asked for "
+               f"({stats['kept_by_kind']['localized']} localized of {stats['targets']['localized']}, "
+               f"{stats['kept_by_kind']['comprehensive']} comprehensive of {stats['targets']['comprehensive']}); "
+               f"most dropped by {', '.join(f'{rule} ({n})' for n, rule in top)}; try {', '.join(hints)}", file=sys.stderr)
+
+
 def main(argv=None):
     args = parse_args(argv)
     videos = list_videos(args.videos)[args.shard_index::args.shard_count]
@@ -521,25 +538,9 @@ def main(argv=None):
         report_shortfall(stats, args)
 
 
-def report_shortfall(stats, args):
-    """One warning with what was kept of each kind, what dropped the most, and what to try."""
-    top = sorted(((n, rule) for rule, n in stats["dropped_by"].items() if n), reverse=True)[:3]
-    hints = ["more videos", f"a larger --max-attempts (now {args.max_attempts:g})"]
-    if stats["dropped_by"]["identical"] + stats["dropped_by"]["near_identical"] and args.temperature == 0:
-        hints.append("--temperature 0.7 (greedy answers from two views are often the same)")
-    if stats["dropped_by"]["truncated"]:
-        hints.append(f"a larger --max-new-tokens (now {args.max_new_tokens})")
-    if stats["dropped_by"]["judge_prefers_rejected"] + stats["dropped_by"]["unanswerable"]:
-        hints.append("--no-judge, if the model is too weak to judge")
-    tqdm.write(f"warning: kept {stats['kept']} of the {args.num_pairs} pairs asked for "
-               f"({stats['kept_by_kind']['localized']} localized of {stats['targets']['localized']}, "
-               f"{stats['kept_by_kind']['comprehensive']} comprehensive of {stats['targets']['comprehensive']}); "
-               f"most dropped by {', '.join(f'{rule} ({n})' for n, rule in top)}; try {', '.join(hints)}", file=sys.stderr)
-
-
 # ---- shared: io (user input, JSONL, atomic writes) ----
 class InputError(Exception):
-    """Bad user input; main() prints it as one line and exits non-zero."""
+    """Bad user input; run_main prints it as one line and exits with status 2."""
 
 
 def read_jsonl(path):
@@ -927,7 +928,6 @@ def _decodable_frames(path):
 
 def _frames_at(path, wanted):
     """The frames at container indices `wanted` (all decodable), in that order."""
-    import numpy as np
     _, decodable = _decodable_frames(path)
     _, _, kept = _walk_frames(path, {decodable[i] for i in wanted})
     return np.stack([kept[decodable[i]] for i in wanted])

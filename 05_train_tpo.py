@@ -25,7 +25,7 @@ Usage:
 
 Pairs: {"id", "video", "prompt", "chosen", "rejected", "frames": {"train": [indices], ...}, ...};
 `video` is relative to the pairs file (or --video-root). Writes a standard PEFT adapter,
-OUT/train_log.jsonl, OUT/reference_logps.jsonl and OUT/checkpoint/.
+OUT/train_log.jsonl, OUT/reference_logps.rank0.jsonl (one per rank) and OUT/checkpoint/.
 """
 import argparse
 import collections
@@ -92,8 +92,7 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-# ---------------------------------------------------------------- per-token log-probabilities
-
+# ---------------------------------------------------------------- the objective
 
 def dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_nll, beta, alpha):
     """TPO's objective, mean over pairs of -log sigmoid(beta * (policy margin - reference margin)),
@@ -482,7 +481,7 @@ def main(argv=None):
 
 # ---- shared: io (user input, JSONL, atomic writes) ----
 class InputError(Exception):
-    """Bad user input; main() prints it as one line and exits non-zero."""
+    """Bad user input; run_main prints it as one line and exits with status 2."""
 
 
 def read_jsonl(path):
@@ -914,7 +913,6 @@ def _decodable_frames(path):
 
 def _frames_at(path, wanted):
     """The frames at container indices `wanted` (all decodable), in that order."""
-    import numpy as np
     _, decodable = _decodable_frames(path)
     _, _, kept = _walk_frames(path, {decodable[i] for i in wanted})
     return np.stack([kept[decodable[i]] for i in wanted])

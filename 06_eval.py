@@ -170,6 +170,11 @@ def field(record, where, key, kind=None):
     return value
 
 
+class UnscorableRecord(ValueError):
+    """A record whose answer is not among its options: an error in the project's own files, a counted
+    and reported skip in a published benchmark (MLVU's needle task ships two)."""
+
+
 def strip_letters(options):
     """Option texts without "A. " / "(A) " prefixes, when every option carries its own letter."""
     pattern = re.compile(r"^\(?([A-J])[.):]\s*(.*)$", re.S)
@@ -294,11 +299,6 @@ def longvideobench_item(record, where):
 
 ITEM_READERS = {"t3": t3_item, "jsonl": project_item, "tempcompass": tempcompass_item, "videomme": videomme_item,
                 "mlvu": mlvu_item, "longvideobench": longvideobench_item}
-
-
-class UnscorableRecord(ValueError):
-    """A record whose answer is not among its options: an error in the project's own files, a counted
-    and reported skip in a published benchmark (MLVU's needle task ships two)."""
 
 
 class Item(TypedDict):
@@ -821,7 +821,7 @@ def main(argv=None):
 
 # ---- shared: io (user input, JSONL, atomic writes) ----
 class InputError(Exception):
-    """Bad user input; main() prints it as one line and exits non-zero."""
+    """Bad user input; run_main prints it as one line and exits with status 2."""
 
 
 def read_jsonl(path):
@@ -1211,7 +1211,6 @@ def _decodable_frames(path):
 
 def _frames_at(path, wanted):
     """The frames at container indices `wanted` (all decodable), in that order."""
-    import numpy as np
     _, decodable = _decodable_frames(path)
     _, _, kept = _walk_frames(path, {decodable[i] for i in wanted})
     return np.stack([kept[decodable[i]] for i in wanted])

@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models of real architectures (built once per session) and stage loading."""
+import contextlib
+import io
 import os
+import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -14,7 +18,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import tiny_model  # noqa: E402  (after the sys.path lines above)
-from stages import load_stage  # noqa: E402,F401  (one helper for tests and benchmarks)
+from stages import load_stage  # noqa: E402  (one helper for tests and benchmarks)
+
+
+def run_in_process(script, *args):
+    """Run a stage as `python SCRIPT ARGS` would (exit status, stdout, stderr, a traceback as status 1),
+    but in this process: no interpreter and torch start-up, which is most of a refused run's time."""
+    stage = load_stage(script)
+    out, err, status = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            stage.run_main(stage.main, [str(a) for a in args])
+        except SystemExit as e:
+            status = e.code if isinstance(e.code, int) else int(e.code is not None)
+        except Exception:
+            traceback.print_exc()
+            status = 1
+        finally:
+            getattr(stage, "_stop_decoder", lambda: None)()
+    return subprocess.CompletedProcess([script, *map(str, args)], status, out.getvalue(), err.getvalue())
 
 # The models the per-model tests run on: the tiny defaults, then the tiny twin of every real
 # checkpoint folder on this machine ("real:NAME", see tiny_model.real_processor_folders).

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, load_stage
+from conftest import REPO, load_stage, run_in_process
 from test_train_tpo import make_pairs
 
 t3 = load_stage("03_train_t3.py")
@@ -379,7 +379,7 @@ def test_pair_building_leaves_no_empty_logs_when_it_makes_nothing(tiny_models, b
     folder = tmp_path / "videos"
     folder.mkdir()
     os.link(broken["empty"], folder / "empty.mp4")
-    result = run_stage("04_build_pairs.py", "--model", tiny_models["qwen2_vl"], "--videos", folder, "--out", tmp_path / "out")
+    result = run_in_process("04_build_pairs.py", "--model", tiny_models["qwen2_vl"], "--videos", folder, "--out", tmp_path / "out")
     assert one_error_line(result) == f"error: {folder}: no readable videos (1 skipped)"
     assert not {"pairs.jsonl", "attempts.jsonl"} & set(os.listdir(tmp_path / "out"))
 
@@ -390,13 +390,13 @@ def test_an_answer_that_is_not_one_letter_is_one_line(tiny_models, tmp_path, ans
               "conversations": [{"from": "human", "value": "Which first?\nA. a dog\nB. a cat"}, {"from": "gpt", "value": "A"}]}
     val = tmp_path / "val.jsonl"
     val.write_text(json.dumps(dict(record, id="q0", answer="B")) + "\n" + json.dumps(dict(record, answer=answer)) + "\n")
-    result = run_stage("03_train_t3.py", "--model", tiny_models["qwen2_vl"], "--train", val, "--val", val,
+    result = run_in_process("03_train_t3.py", "--model", tiny_models["qwen2_vl"], "--train", val, "--val", val,
                        "--out", tmp_path / "t3", "--max-steps", "1")
     assert one_error_line(result) == f"error: {val}:2: 'answer' must be one option letter (A-B), not {answer!r}"
     bench = tmp_path / "bench.jsonl"
     bench.write_text(json.dumps({"id": "x", "video": "", "question": "Which?", "options": ["a", "b"], "answer": "A"}) + "\n"
                      + json.dumps({"id": "y", "video": "", "question": "Which?", "options": ["a", "b"], "answer": answer}) + "\n")
-    result = run_stage("06_eval.py", "--model", tiny_models["qwen2_vl"], "--bench", bench, "--out", tmp_path / "eval")
+    result = run_in_process("06_eval.py", "--model", tiny_models["qwen2_vl"], "--bench", bench, "--out", tmp_path / "eval")
     assert one_error_line(result).startswith(f"error: {bench}:2: answer {answer!r} is not")
 
 
@@ -418,7 +418,7 @@ def test_a_damaged_parquet_benchmark_is_one_line_in_eval(tiny_models, tmp_path):
     """Video-MME ships as Parquet (read with pyarrow); a damaged download is one line, not a traceback."""
     bench = tmp_path / "test-00000-of-00001.parquet"
     bench.write_bytes(b"PAR1" + bytes(range(256)) * 4 + b"PAR1")
-    result = run_stage("06_eval.py", "--model", tiny_models["qwen2_vl"], "--bench", f"videomme={bench}", "--out", tmp_path / "out")
+    result = run_in_process("06_eval.py", "--model", tiny_models["qwen2_vl"], "--bench", f"videomme={bench}", "--out", tmp_path / "out")
     assert one_error_line(result).startswith(f"error: {bench}: not a readable Parquet file (")
 
 
@@ -441,7 +441,7 @@ def test_probe_uses_what_decodes_of_a_damaged_probe_video(tiny_models, tmp_path)
     assert len(warnings) == 1 and str(videos[0]) in warnings[0] and "frames decode" in warnings[0]
     videos[1].write_bytes(b"")
     os.remove(tmp_path / "features.safetensors")
-    assert one_error_line(run_stage("02_probe.py", *common)).startswith(f"error: {videos[1]}: cannot open video (an empty file)")
+    assert one_error_line(run_in_process("02_probe.py", *common)).startswith(f"error: {videos[1]}: cannot open video (an empty file)")
 
 
 @pytest.mark.parametrize("record,expect", [
@@ -469,12 +469,12 @@ def test_training_refuses_to_overwrite_a_run_and_says_how_to_resume(tiny_models,
                     "--num-train", "8", "--num-val", "4", "--scales", "1x"], check=True, capture_output=True)
     common = ["--model", tiny_models["qwen2_vl"], "--train", tmp_path / "data" / "t3_train.jsonl", "--out", tmp_path / "out",
               "--max-steps", "1", "--batch-size", "2", "--no-4bit"]
-    early = run_stage("03_train_t3.py", *common, "--resume")
+    early = run_in_process("03_train_t3.py", *common, "--resume")
     assert one_error_line(early) == (f"error: {tmp_path / 'out'}/checkpoint: nothing to resume (no checkpoint saved yet); "
                                      "run without --resume to start")
-    assert run_stage("03_train_t3.py", *common).returncode == 0
+    assert run_in_process("03_train_t3.py", *common).returncode == 0
     log = (tmp_path / "out" / "train_log.jsonl").read_text()
-    again = run_stage("03_train_t3.py", *common)
+    again = run_in_process("03_train_t3.py", *common)
     assert one_error_line(again) == (f"error: {tmp_path / 'out'}: already holds a training checkpoint; "
                                      "pass --resume to continue, or choose another --out")
     assert (tmp_path / "out" / "train_log.jsonl").read_text() == log  # the earlier run is untouched

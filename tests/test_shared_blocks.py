@@ -6,6 +6,8 @@ import os
 import re
 import sys
 
+import pytest
+
 from conftest import REPO
 
 sys.path.insert(0, os.path.join(REPO, "tools"))
@@ -18,7 +20,7 @@ def stage_scripts():
 
 def source_blocks():
     with open(sync_shared.SOURCE, encoding="utf-8") as f:
-        return sync_shared.read_blocks(f.read())
+        return sync_shared.read_blocks(f.read())[0]
 
 
 def test_syncing_the_shared_blocks_changes_nothing(capsys):
@@ -65,3 +67,48 @@ def test_no_stage_imports_another_file_of_this_repo():
         imported = set(re.findall(r"^\s*(?:from|import)\s+([\w.]+)", source, re.M))
         assert not {m.split(".")[0] for m in imported} & local, path
         assert "spec_from_file_location" not in source and "import_module" not in source
+
+
+SOURCE = '''import json
+
+# ---- shared: io (test) ----
+class InputError(Exception):
+    pass
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+# ---- end shared: io ----
+'''
+STAGE = '\n\ndef main():\n    return read_json("x")\n\n\nif __name__ == "__main__":\n    main()\n'
+
+
+def sync_error(source=SOURCE, stage="import json\n" + STAGE):
+    """The one-line refusal of syncing `stage` from `source`, or None."""
+    try:
+        sync_shared.synced(stage, *sync_shared.read_blocks(source, "SRC"), path="STAGE")
+    except sync_shared.SyncError as e:
+        return str(e)
+
+
+@pytest.mark.parametrize("source,stage,expect", [
+    (SOURCE.replace("# ---- end shared: io ----", "# ---- end shared: io ---"), None, "SRC:3: a shared-block marker without its pair"),
+    (SOURCE.replace("# ---- shared: io (test)", "# ---- shared:io (test)"), None, "SRC:3: a shared-block marker without its pair"),
+    (None, "# ---- shared: io (x) ----\n" + STAGE, "STAGE:1: a shared-block marker without its pair"),
+    (SOURCE.replace("    pass", "    pass\n\n\nprint('loaded')"), None, "SRC:8: a statement in a shared block must define a name"),
+    (SOURCE.replace("    pass", "    pass\n\n\ndef read_json():\n    pass"), None, "SRC:12: read_json is already defined at line 8"),
+    (SOURCE.replace("return json.load(f)", "return json.load(f) +"), None, "SRC:10: invalid syntax"),
+    (None, STAGE, "the shared read_json (" + sync_shared.SOURCE + ":8) needs `import json`"),
+    (None, "import json\n\n\nclass Bad(InputError):\n    pass\n" + STAGE, "STAGE:4: uses the shared InputError while the module loads"),
+    (SOURCE.replace("    pass", "    pass\n\n\nMODE = 'r'").replace("open(path)", "open(path, MODE)"), "import json\nMODE = 'rb'\n" + STAGE,
+     "STAGE: defines MODE, which the shared read_json"),
+    (None, "import json\n\n\ndef main():\n    pass\n", "STAGE: no line `if __name__"),
+])
+def test_what_would_not_run_is_refused_in_one_line_naming_the_place(source, stage, expect):
+    message = sync_error(source or SOURCE, stage or "import json\n" + STAGE)
+    assert message is not None and (message.startswith(expect) or expect in message), message
+
+
+def test_a_well_formed_source_and_stage_sync():
+    assert sync_error() is None

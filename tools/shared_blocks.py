@@ -28,7 +28,7 @@ except ImportError:  # the chunked PyTorch path still works
 
 # ---- shared: io (user input, JSONL, atomic writes) ----
 class InputError(Exception):
-    """Bad user input; main() prints it as one line and exits non-zero."""
+    """Bad user input; run_main prints it as one line and exits with status 2."""
 
 
 def read_jsonl(path):
@@ -498,7 +498,6 @@ def _decodable_frames(path):
 
 def _frames_at(path, wanted):
     """The frames at container indices `wanted` (all decodable), in that order."""
-    import numpy as np
     _, decodable = _decodable_frames(path)
     _, _, kept = _walk_frames(path, {decodable[i] for i in wanted})
     return np.stack([kept[decodable[i]] for i in wanted])
