@@ -63,6 +63,7 @@ def parse_args(argv=None):
     p.add_argument("--no-4bit", dest="four_bit", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    require_positive(p, args, "seeds", "batch_size")
     if not args.merge and not args.model:
         p.error("--model is required (unless --merge)")
     args.aspects = [a for a in args.aspects.split(",") if a]
@@ -551,6 +552,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.merge:
         return merge(args)
+    check_model_path(args.model)  # before rendering: a mistyped --model fails in seconds
     make_out_dir(args.out)
     plans = plan_videos(args.aspects, args.num_videos, args.seed)[args.shard_index::args.shard_count]
     records = render_videos(plans, args.out, args.num_frames)
@@ -664,6 +666,14 @@ def parse_shard(parser, shard):
     if not 0 <= index < count:
         parser.error(f"--shard must be i/n with 0 <= i < n, not {shard!r}")
     return index, count
+
+
+def require_positive(parser, args, *names):
+    """A usage error for any of these whole-number options that is given and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, not {value}")
 
 
 def run_main(main, argv=None):

@@ -68,7 +68,12 @@ def parse_args(argv=None):
     p.add_argument("--no-4bit", dest="four_bit", action="store_false", help="load the model unquantized")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    require_positive(p, args, "max_steps", "batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length", "num_frames",
+                     "val_limit", "save_every", "stop_after_steps")
+    if args.eval_every < 0:
+        p.error(f"--eval-every must be 0 (off) or more, not {args.eval_every}")
+    return args
 
 
 # ---------------------------------------------------------------- data
@@ -456,6 +461,14 @@ def atomic_write(path, mode="w"):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def require_positive(parser, args, *names):
+    """A usage error for any of these whole-number options that is given and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, not {value}")
 
 
 def run_main(main, argv=None):

@@ -20,6 +20,7 @@ and why it was dropped; --resume skips finished ones) and OUT/stats.json. Each p
 import argparse
 import difflib
 import json
+import math
 import os
 import random
 import sys
@@ -111,11 +112,12 @@ def parse_args(argv=None):
     p.add_argument("--no-4bit", dest="four_bit", action="store_false")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    require_positive(p, args, "num_pairs", "num_frames", "sparse_frames", "max_new_tokens", "batch_size")
     try:
         local, comprehensive = (float(x) for x in args.ratio.split(":"))
     except ValueError:
         p.error(f"--ratio must look like 5:5, not {args.ratio!r}")
-    if not (local >= 0 and comprehensive >= 0 and local + comprehensive > 0):
+    if not (0 <= local < math.inf and 0 <= comprehensive < math.inf and local + comprehensive > 0):
         p.error(f"--ratio must look like 5:5, not {args.ratio!r}")
     args.local_share = local / (local + comprehensive)
     args.negatives = [n for n in args.negatives.split(",") if n]
@@ -501,6 +503,7 @@ def main(argv=None):
     videos = list_videos(args.videos)[args.shard_index::args.shard_count]
     if not videos:
         raise InputError(f"{args.videos}: no videos in shard {args.shard}")
+    check_model_path(args.model)  # before measuring every video: a mistyped --model fails in seconds
     attempts_path, pairs_path, done, pairs = open_logs(args)
     usable, bad = usable_videos(videos, min_frames=max(8, args.sparse_frames + 4), show=True)
     if not usable:
@@ -614,6 +617,14 @@ def parse_shard(parser, shard):
     if not 0 <= index < count:
         parser.error(f"--shard must be i/n with 0 <= i < n, not {shard!r}")
     return index, count
+
+
+def require_positive(parser, args, *names):
+    """A usage error for any of these whole-number options that is given and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, not {value}")
 
 
 def run_main(main, argv=None):

@@ -89,7 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--no-4bit", dest="four_bit", action="store_false")
     p.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    require_positive(p, args, "max_steps", "batch_size", "grad_accum", "num_frames", "lora_r", "lora_alpha", "save_every",
+                     "stop_after_steps")
+    return args
 
 
 # ---------------------------------------------------------------- the objective
@@ -136,6 +139,8 @@ def load_pairs(path, video_root=None):
         for field in ("id", "video", "prompt", "chosen", "rejected"):
             if not isinstance(record.get(field), (str, int)) or (field != "id" and not str(record[field]).strip()):
                 raise InputError(f"{where}: pair needs a non-empty '{field}'")
+        if not isinstance(record.get("frames") or {}, dict):
+            raise InputError(f"{where}: 'frames' must be an object of frame index lists (e.g. {{\"train\": [0, 4, 8]}})")
         frames = (record.get("frames") or {}).get("train")
         if frames is not None and (not isinstance(frames, list) or not frames or
                                    not all(isinstance(i, int) and i >= 0 for i in frames)):
@@ -544,6 +549,14 @@ def atomic_write(path, mode="w"):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def require_positive(parser, args, *names):
+    """A usage error for any of these whole-number options that is given and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, not {value}")
 
 
 def run_main(main, argv=None):

@@ -83,10 +83,7 @@ def parse_args(argv=None):
     if not args.merge and not (args.model and args.bench):
         p.error("--model and --bench are required (unless --merge)")
     args.shard_index, args.shard_count = parse_shard(p, args.shard)
-    for flag, value in (("--num-frames", args.num_frames), ("--batch-size", args.batch_size), ("--limit", 1 if args.limit is None else args.limit),
-                        ("--max-new-tokens", args.max_new_tokens)):
-        if value < 1:
-            p.error(f"{flag} must be at least 1, not {value}")
+    require_positive(p, args, "num_frames", "batch_size", "limit", "max_new_tokens")
     args.adapters = []
     for spec in args.adapter:
         name, _, folder = spec.partition("=")
@@ -907,6 +904,14 @@ def parse_shard(parser, shard):
     if not 0 <= index < count:
         parser.error(f"--shard must be i/n with 0 <= i < n, not {shard!r}")
     return index, count
+
+
+def require_positive(parser, args, *names):
+    """A usage error for any of these whole-number options that is given and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, not {value}")
 
 
 def run_main(main, argv=None):

@@ -478,3 +478,38 @@ def test_training_refuses_to_overwrite_a_run_and_says_how_to_resume(tiny_models,
     assert one_error_line(again) == (f"error: {tmp_path / 'out'}: already holds a training checkpoint; "
                                      "pass --resume to continue, or choose another --out")
     assert (tmp_path / "out" / "train_log.jsonl").read_text() == log  # the earlier run is untouched
+
+
+@pytest.mark.parametrize("script,args,expect", [
+    ("04_build_pairs.py", ["--videos", "v", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    ("04_build_pairs.py", ["--videos", "v", "--ratio", "inf:1"], "--ratio must look like 5:5, not 'inf:1'"),
+    ("03_train_t3.py", ["--train", "t.jsonl", "--save-every", "0"], "--save-every must be at least 1, not 0"),
+    ("03_train_t3.py", ["--train", "t.jsonl", "--eval-every", "-1"], "--eval-every must be 0 (off) or more, not -1"),
+    ("05_train_tpo.py", ["--pairs", "p.jsonl", "--grad-accum", "0"], "--grad-accum must be at least 1, not 0"),
+    ("02_probe.py", ["--seeds", "0"], "--seeds must be at least 1, not 0"),
+    ("06_eval.py", ["--bench", "b.jsonl", "--limit", "0"], "--limit must be at least 1, not 0"),
+])
+def test_counts_below_one_are_usage_errors_before_any_work(script, args, expect, tmp_path):
+    """A zero batch size used to loop forever (04), a zero checkpoint interval to fail after the first step (03)."""
+    result = run_in_process(script, "--model", "m", "--out", tmp_path / "out", *args)
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].endswith(f"error: {expect}"), result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("script,args", [("02_probe.py", ["--num-videos", "6", "--aspects", "size"]),
+                                         ("04_build_pairs.py", ["--videos", "videos"])])
+def test_a_mistyped_model_fails_before_any_video_is_rendered_or_measured(script, args, broken, tmp_path):
+    (tmp_path / "videos").mkdir()
+    os.link(broken["one_frame"], tmp_path / "videos" / "one.mp4")
+    result = run_in_process(script, "--model", tmp_path / "no-such-model", "--out", tmp_path / "out",
+                            *[tmp_path / a if a == "videos" else a for a in args])
+    assert one_error_line(result) == f"error: {tmp_path / 'no-such-model'}: no such model folder"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pair_whose_frames_are_a_list_is_one_line(tiny_models, tmp_path):
+    path = make_pairs(tmp_path, count=1)
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(record, frames=[0, 1, 2, 3])) + "\n")
+    result = run_in_process("05_train_tpo.py", "--model", tiny_models["qwen2_vl"], "--pairs", path, "--out", tmp_path / "out")
+    assert one_error_line(result).startswith(f"error: {path}:1: 'frames' must be an object of frame index lists")

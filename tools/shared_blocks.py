@@ -116,6 +116,14 @@ def parse_shard(parser, shard):
     return index, count
 
 
+def require_positive(parser, args, *names):
+    """A usage error for any of these whole-number options that is given and below 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+
+
 def run_main(main, argv=None):
     """Run main(argv); turn InputError into one line on stderr and exit status 2."""
     try:
