@@ -70,10 +70,14 @@ python 02_probe.py --model "$MODEL" --out "$OUT/02" --num-videos "$PROBE_VIDEOS"
 python - "$OUT/02/report.json" <<'PY'
 import json, sys
 report = json.load(open(sys.argv[1]))
-rows = report["aspects"].values()
+controls = report.get("controls", [])
+rows = [row for aspect, row in report["aspects"].items() if aspect not in controls]
 mean = lambda key: 100 * sum(r[key] for r in rows) / len(rows)
-print(f"   mean over {len(rows)} aspects: chance {mean('chance'):.1f}, probe {max(mean('probe_linear'), mean('probe_temporal')):.1f}, "
+print(f"   mean over {len(rows)} temporal aspects: chance {mean('chance'):.1f}, probe {max(mean('probe_linear'), mean('probe_temporal')):.1f}, "
       f"text LLM {mean('text_llm'):.1f}, video LLM {mean('video_llm'):.1f}")
+for aspect in controls:
+    row = report["aspects"][aspect]
+    print(f"   order-free control ({aspect}): chance {100 * row['chance']:.1f}, video LLM {100 * row['video_llm']:.1f}")
 PY
 
 echo "== 03 QLoRA fine-tuning on T3 text tasks -> $OUT/03"

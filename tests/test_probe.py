@@ -73,6 +73,8 @@ def test_decoded_videos_show_what_the_labels_say(split, tmp_path):
                 else:
                     moved = abs(x1 - x0)
                     assert moved > 0.5 * side if label == 0 else moved < 0.25 * side
+        elif aspect == "appearance":  # the order-free control: the object is there in every frame
+            assert all(colours_in(frame) == {list(probe.COLOURS)[label]} for frame in frames[::4])
         elif aspect == "light":
             brighter = frames[-1].mean() > 2 * frames[0].mean()
             darker = frames[0].mean() > 2 * frames[-1].mean()
@@ -214,3 +216,16 @@ def test_the_verdict_waits_for_intervals_that_do_not_overlap():
     assert probe.verdict(rows(4)).startswith("Not enough test videos to tell")
     assert "the language model is the bottleneck (points above chance" in probe.verdict(rows(200))
     assert probe.mean_lift(rows(200), "probe_linear")["lift"] == pytest.approx(0.35)
+
+
+def test_the_control_is_kept_out_of_the_verdicts_means_and_says_whether_the_model_sees():
+    """The order-free control does not dilute the temporal means; it adds whether the video LLM sees the objects."""
+    temporal = {a: {"chance": 0.25, "probe_linear": 0.6, "probe_temporal": 0.55, "text_llm": 0.3, "video_llm": 0.28,
+                    "test_videos": 200} for a in ("direction", "order_of_three")}
+    sees = dict(temporal, appearance={"chance": 0.25, "probe_linear": 1.0, "probe_temporal": 1.0, "text_llm": 0.99,
+                                      "video_llm": 0.95, "test_videos": 200})
+    blind = dict(sees, appearance=dict(sees["appearance"], video_llm=0.27))
+    assert probe.verdict(sees).startswith(probe.verdict(temporal))  # same temporal sentence: the control is not in it
+    assert "The video LLM sees the objects (order-free control: +70.0" in probe.verdict(sees)
+    assert "not above chance even on the order-free control" in probe.verdict(blind)
+    assert probe.verdict({"appearance": sees["appearance"]}).startswith("No temporal aspect was measured.")
