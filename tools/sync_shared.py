@@ -97,8 +97,9 @@ def read_blocks(text, path=SOURCE):
     check_markers(path, text)
     imports = {}
     for node in parse(path, text).body:
-        if isinstance(node, (ast.Import, ast.ImportFrom, ast.Try)):
-            imports.update((name, ast.get_source_segment(text, node)) for name in defined_names(node))
+        for statement in node.body if isinstance(node, ast.Try) else [node]:  # `try: import triton`, too
+            if isinstance(statement, (ast.Import, ast.ImportFrom)):
+                imports.update((name, ast.get_source_segment(text, statement)) for name in defined_names(statement))
     blocks, seen = [], {}
     for match in BLOCK.finditer(text):
         first = line_of(text, match.start("body"))
