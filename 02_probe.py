@@ -1,7 +1,7 @@
 """Stage 02: where is the temporal bottleneck, the vision encoder or the language model?
 
 Renders synthetic probe videos (coloured shapes that appear, move, grow or change light),
-one family per temporal aspect, with a frame-by-frame text description made from the same
+one family per aspect, with a frame-by-frame text description made from the same
 scene state. Then, per aspect, three accuracies on the test split:
   (i)   probes (linear, and a small GRU over frames) trained on the model's own visual
         encodings, pooled per frame: does the vision side carry the temporal signal?
@@ -20,8 +20,8 @@ Usage:
 
 Writes OUT/videos/<aspect>/*.mp4, OUT/videos.jsonl (every video, its label and description),
 OUT/features.safetensors (pooled visual encodings; reused on a rerun), OUT/answers.jsonl,
-OUT/probe_bench.jsonl (the test videos as a benchmark stage 06 reads), OUT/report.json and
-OUT/report.md.
+OUT/probe_bench.jsonl (the temporal test videos as a benchmark stage 06 reads),
+OUT/probe_control_bench.jsonl (the control's), OUT/report.json and OUT/report.md.
 """
 import argparse
 import inspect
@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--model", help="model folder or hub id (AutoModelForImageTextToText)")
     p.add_argument("--adapter", help="a PEFT adapter for the language model (e.g. stage 03's)")
     p.add_argument("--out", required=True)
-    p.add_argument("--aspects", default=",".join(ASPECTS), help="comma-separated subset of: " + ", ".join(ASPECTS))
+    p.add_argument("--aspects", default=",".join(ASPECTS), help="comma-separated subset of: " + ", ".join(ASPECTS)
+                   + f" ({', '.join(CONTROLS)}: an order-free control)")
     p.add_argument("--num-videos", type=int, default=150, help="videos per aspect; a third of them form the test split")
     p.add_argument("--num-frames", type=int, default=16, help="frames the model sees per video")
     p.add_argument("--seeds", type=int, default=3, help="probe trainings per aspect and probe kind")
@@ -253,7 +254,7 @@ def write_video(path, frames, fps=8):
 class ProbeVideo(TypedDict):
     """A rendered probe video as videos.jsonl keeps it and every later step reads it."""
     id: str  # "{aspect}-{split}-{number}"
-    aspect: str  # the temporal aspect it tests (a key of ASPECTS)
+    aspect: str  # the aspect it tests (a key of ASPECTS; CONTROLS are not temporal)
     split: str  # "train" or "test" (of the probes)
     label: int  # index of the right option
     video: str  # path relative to --out
@@ -394,7 +395,7 @@ def train_probe(kind, x_train, y_train, x_test, y_test, classes, seed, epochs=30
 def probe_results(records, features, seeds, seed):
     """{aspect: {kind: {mean, std, runs}}} over `seeds` trainings of each probe kind."""
     results = {}
-    aspects = list(dict.fromkeys(r["aspect"] for r in records))
+    aspects = [a for a in dict.fromkeys(r["aspect"] for r in records) if a not in CONTROLS]  # nothing changes in those
     for aspect in tqdm(aspects, desc="probes", unit="aspect"):
         data = {}
         for split in ("train", "test"):
@@ -457,6 +458,8 @@ def mean_lift(rows, key):
     """Accuracy above chance averaged over the aspects, with a normal 95% interval from each
     aspect's binomial variance on its test videos."""
     usable = [row for row in rows.values() if row.get(key) is not None]
+    if not usable:
+        return None
     lift = float(np.mean([row[key] - row["chance"] for row in usable]))
     variance = sum(row[key] * (1 - row[key]) / row["test_videos"] for row in usable) / len(usable) ** 2
     half = 1.96 * variance ** 0.5
@@ -468,25 +471,34 @@ def verdict(rows):
     above chance of the better probe and of the better language-model column over the temporal
     aspects do not overlap; then one on what the order-free control says about sight."""
     temporal = {aspect: row for aspect, row in rows.items() if aspect not in CONTROLS}
-    said = bottleneck(temporal) if temporal else "No temporal aspect was measured."
+    measured = any(row.get("video_llm") is not None or row.get("text_llm") is not None for row in temporal.values())
+    said = bottleneck(temporal) if measured else "No temporal aspect was measured."
     control = {aspect: row for aspect, row in rows.items() if aspect in CONTROLS and row.get("video_llm") is not None}
     return f"{said} {sight(control)}" if control else said
 
 
 def sight(control):
-    """Whether the video LLM sees the objects at all, from the order-free control aspects."""
-    lift = mean_lift(control, "video_llm")
-    said = f"{100 * lift['lift']:+.1f} [{100 * lift['interval'][0]:+.1f}, {100 * lift['interval'][1]:+.1f}] points above chance"
-    if lift["interval"][0] > 0:
-        return f"The video LLM sees the objects (order-free control: {said}), so its failures above are about time."
-    return (f"The video LLM is not above chance even on the order-free control ({said}): it does not see the objects, "
-            "so its temporal numbers say nothing about time.")
+    """Whether the video LLM sees the objects, from the order-free control (Wilson intervals, as in the
+    table): said only when its interval is wholly above chance, or wholly within 10 points of it."""
+    row = next(iter(control.values()))
+    low, high = (bound - row["chance"] for bound in row["video_llm_interval"])
+    said = f"{100 * (row['video_llm'] - row['chance']):+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] points above chance"
+    if low > 0:
+        return f"The video LLM sees the objects (order-free control: {said}): its temporal numbers measure time, not sight."
+    if high >= 0.1:
+        return (f"Not enough videos in the order-free control to tell whether the video LLM sees the objects ({said}); "
+                "more --num-videos narrows the interval.")
+    from_text = row.get("text_llm_interval") and row["text_llm_interval"][0] > row["chance"]
+    return (f"The video LLM is at chance on the order-free control ({said}), "
+            + ("which it answers from the text description: it does not see the objects, so temporal numbers on these "
+               "videos say nothing about time." if from_text else
+               "and the text LLM is not above chance either: the language model or the answer format fails, not only sight."))
 
 
 def bottleneck(rows):
     """Where the bottleneck is, from the mean lifts of the probes and the language model."""
-    probe = max((mean_lift(rows, k) for k in ("probe_linear", "probe_temporal")), key=lambda x: x["lift"])
-    llm = max((mean_lift(rows, k) for k in ("text_llm", "video_llm")), key=lambda x: x["lift"])
+    probe = max(filter(None, (mean_lift(rows, k) for k in ("probe_linear", "probe_temporal"))), key=lambda x: x["lift"])
+    llm = max(filter(None, (mean_lift(rows, k) for k in ("text_llm", "video_llm"))), key=lambda x: x["lift"])
     say = lambda x: f"{100 * x['lift']:+.1f} [{100 * x['interval'][0]:+.1f}, {100 * x['interval'][1]:+.1f}]"
     lifts = f"(points above chance, mean over the temporal aspects: probes {say(probe)}, language model {say(llm)})"
     if probe["interval"][1] < 0.1:
@@ -512,10 +524,10 @@ def accuracy_text(row, key):
 def report(records, features, answers, args, meta):
     probes = probe_results(records, features, args.seeds, args.seed)
     rows = {}
-    for aspect, kinds in probes.items():
-        classes = len(ASPECTS[aspect][1])
-        row = {"chance": round(1 / classes, 4), "probe_linear": kinds["linear"]["mean"], "probe_linear_std": kinds["linear"]["std"],
-               "probe_temporal": kinds["temporal"]["mean"], "probe_temporal_std": kinds["temporal"]["std"]}
+    for aspect in dict.fromkeys(r["aspect"] for r in records):
+        row = {"chance": round(1 / len(ASPECTS[aspect][1]), 4)}
+        for kind, results in probes.get(aspect, {}).items():  # none for a control (see CONTROLS)
+            row[f"probe_{kind}"], row[f"probe_{kind}_std"] = results["mean"], results["std"]
         for key in ("text", "video"):
             row[f"{key}_llm"] = answer_accuracy(records, answers, aspect, f"{key}_scores")
             if args.generate:
@@ -546,11 +558,15 @@ def report(records, features, answers, args, meta):
     print(summary)
 
 
-def bench_records(records, out):
-    """The test videos as benchmark records for stage 06 (`video` relative to OUT)."""
-    return [{"id": r["id"], "video": r["video"], "question": r["question"], "options": r["options"],
-             "answer": LETTERS[r["label"]], "task_type": r["aspect"], "source": "probe"}
-            for r in records if r["split"] == "test"]
+def write_benches(records, out):
+    """The test videos as benchmark records for stage 06 (`video` relative to OUT): the temporal aspects in
+    probe_bench.jsonl, the order-free control apart in probe_control_bench.jsonl (if it was run)."""
+    for name, control in (("probe_bench", False), ("probe_control_bench", True)):
+        bench = [{"id": r["id"], "video": r["video"], "question": r["question"], "options": r["options"],
+                  "answer": LETTERS[r["label"]], "task_type": r["aspect"], "source": "probe"}
+                 for r in records if r["split"] == "test" and (r["aspect"] in CONTROLS) == control]
+        if bench:
+            write_jsonl(os.path.join(out, f"{name}.jsonl"), bench)
 
 
 def read_shard(folder, out):
@@ -574,7 +590,7 @@ def merge(args):
         features.update(f)
     args.seeds, args.seed, args.num_frames, args.generate = meta["seeds"], meta["seed"], meta["num_frames"], meta["generate"]
     make_out_dir(args.out)
-    write_jsonl(os.path.join(args.out, "probe_bench.jsonl"), bench_records(records, args.out))
+    write_benches(records, args.out)
     report(records, features, answers, args, {**meta, "merged": args.merge})
 
 
@@ -603,9 +619,10 @@ def main(argv=None):
     if args.shard_count > 1:
         print(f"shard {args.shard} done; when every shard is, run: python 02_probe.py --merge <shard folders> --out DIR")
         return
-    write_jsonl(os.path.join(args.out, "probe_bench.jsonl"), bench_records(records, args.out))
+    write_benches(records, args.out)
     report(records, features, answers, args, meta)
-    print(f"report in {args.out}/report.md; benchmark for stage 06 in {args.out}/probe_bench.jsonl")
+    print(f"report in {args.out}/report.md; benchmarks for stage 06 in {args.out}/probe_bench.jsonl (temporal) "
+          f"and probe_control_bench.jsonl (the order-free control)")
 
 
 # ---- shared: io (user input, JSONL, atomic writes) ----

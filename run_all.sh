@@ -16,7 +16,7 @@
 #   JUDGE       1: the model judges its pairs; 0: cheap rules only (default: 0 for the tiny model, 1 otherwise)
 #   NUM_FRAMES  frames per video in every stage (default: 8)
 #   TEMPERATURE sampling temperature for pair answers (default: 1.0 for the tiny model, 0 = greedy otherwise)
-#   PROBE_VIDEOS probe videos per temporal aspect in stage 02 (default: 60)
+#   PROBE_VIDEOS probe videos per aspect in stage 02 (default: 60)
 #   PROBE_SEEDS probe trainings per aspect (default: 2)
 #   BENCH       extra benchmarks for stage 06, space-separated [NAME=]FILE (e.g. "videomme=/data/videomme.json")
 #   VIDEO_ROOT  folder of those benchmarks' videos
@@ -127,7 +127,7 @@ if held:
 PY
 
 echo "== 06 temporal benchmarks: base, +T3, +T3+TPO -> $OUT/06"
-BENCHES=(--bench "$OUT/02/probe_bench.jsonl" --bench "$OUT/01/t3_val.jsonl")
+BENCHES=(--bench "$OUT/02/probe_bench.jsonl" --bench "$OUT/02/probe_control_bench.jsonl" --bench "$OUT/01/t3_val.jsonl")
 for spec in ${BENCH:-}; do BENCHES+=(--bench "$spec"); done
 python 06_eval.py --model "$MODEL" --adapter t3="$OUT/03" --adapter t3+tpo="$OUT/05" "${BENCHES[@]}" \
   ${VIDEO_ROOT:+--video-root "$VIDEO_ROOT"} ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --num-frames "$NUM_FRAMES" \

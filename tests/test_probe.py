@@ -219,13 +219,33 @@ def test_the_verdict_waits_for_intervals_that_do_not_overlap():
 
 
 def test_the_control_is_kept_out_of_the_verdicts_means_and_says_whether_the_model_sees():
-    """The order-free control does not dilute the temporal means; it adds whether the video LLM sees the objects."""
+    """The order-free control does not dilute the temporal means; it adds whether the video LLM sees the
+    objects, from the same Wilson intervals as the table, and says so only when the interval decides."""
     temporal = {a: {"chance": 0.25, "probe_linear": 0.6, "probe_temporal": 0.55, "text_llm": 0.3, "video_llm": 0.28,
                     "test_videos": 200} for a in ("direction", "order_of_three")}
-    sees = dict(temporal, appearance={"chance": 0.25, "probe_linear": 1.0, "probe_temporal": 1.0, "text_llm": 0.99,
-                                      "video_llm": 0.95, "test_videos": 200})
-    blind = dict(sees, appearance=dict(sees["appearance"], video_llm=0.27))
-    assert probe.verdict(sees).startswith(probe.verdict(temporal))  # same temporal sentence: the control is not in it
-    assert "The video LLM sees the objects (order-free control: +70.0" in probe.verdict(sees)
-    assert "not above chance even on the order-free control" in probe.verdict(blind)
-    assert probe.verdict({"appearance": sees["appearance"]}).startswith("No temporal aspect was measured.")
+
+    def control(video, text, n=200):
+        row = {"chance": 0.25, "text_llm": text, "video_llm": video, "test_videos": n}
+        for key in ("text_llm", "video_llm"):
+            row[f"{key}_interval"] = probe.wilson_interval(round(row[key] * n), n)
+        return dict(temporal, appearance=row)
+    assert probe.verdict(control(0.95, 0.99)).startswith(probe.verdict(temporal))  # the control is not in the means
+    assert "The video LLM sees the objects (order-free control: +70.0 [" in probe.verdict(control(0.95, 0.99))
+    assert "it does not see the objects" in probe.verdict(control(0.26, 0.99))
+    assert "and the text LLM is not above chance either: the language model or the answer format fails" in probe.verdict(control(0.26, 0.25))
+    assert "Not enough videos in the order-free control to tell" in probe.verdict(control(0.5, 0.99, n=4))  # 2 of 4: [15.0, 85.0]
+    assert probe.verdict({"appearance": control(0.95, 0.99)["appearance"]}).startswith("No temporal aspect was measured.")
+
+
+def test_the_control_runs_apart_from_the_temporal_aspects(tiny_models, tmp_path):
+    """The control's test videos go to their own benchmark file, its probe cells are empty (nothing changes
+    within its videos), and the verdict adds a sentence on sight."""
+    result = run_probe(tiny_models["qwen2_vl"], tmp_path, "--aspects", "appearance,size", "--num-videos", "12",
+                       "--num-frames", "4", "--seeds", "1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.load(open(tmp_path / "report.json"))
+    assert report["controls"] == ["appearance"] and "probe_linear" not in report["aspects"]["appearance"]
+    assert set(report["probe_runs"]) == {"size"}
+    assert "order-free control" in report["verdict"] and "| appearance (control, 4) | 25.0 | - | - |" in open(tmp_path / "report.md").read()
+    for name, aspects in (("probe_bench", {"size"}), ("probe_control_bench", {"appearance"})):
+        assert {r["task_type"] for r in read_jsonl(tmp_path / f"{name}.jsonl")} == aspects

@@ -21,11 +21,11 @@ def test_run_all_runs_every_stage_and_prints_the_table(tmp_path):
         assert (runs / stage / artifact).is_file(), stage
     results = json.load(open(runs / "06" / "results.json"))["results"]
     assert list(results) == ["base", "t3", "t3+tpo"]
-    assert all(set(per_model) == {"probe_bench", "t3_val"} for per_model in results.values())
+    assert all(set(per_model) == {"probe_bench", "probe_control_bench", "t3_val"} for per_model in results.values())
     assert all(results[m]["t3_val"]["total"] == 8 for m in results)
     table = result.stdout[result.stdout.index("| model |"):]
     assert "| base |" in table and "| t3 |" in table and "| t3+tpo |" in table
-    for headline in ("== 02", "mean over", "reward accuracy", "T3 validation accuracy", "step 1: DPO term 0.6931"):
+    for headline in ("== 02", "mean over 10 temporal aspects", "order-free control (appearance)", "reward accuracy", "T3 validation accuracy", "step 1: DPO term 0.6931"):
         assert headline in result.stdout
     assert result.stdout.count("the language model is the bottleneck") <= 1  # the verdict is printed once
     # quiet: no library warnings a user cannot act on, no tracebacks
