@@ -450,11 +450,11 @@ def open_logs(args):
     return attempts_path, pairs_path, done, pairs
 
 
-def next_group(slot, usable, args, taken, finished, kept, targets):
+def next_group(slot, max_slots, usable, args, taken, finished, kept, targets):
     """The attempts of the slot group starting at `slot` that are still wanted, and how many slots
     found no fresh attempt. Groups are fixed runs of --batch-size slots, so a resume regroups alike."""
     group, exhausted = [], 0
-    for s in range(slot, min(int(args.max_attempts * args.num_pairs), slot + args.batch_size)):
+    for s in range(slot, min(max_slots, slot + args.batch_size)):
         index, kind = slot_plan(s, len(usable), args.local_share, args.seed)
         attempt = fresh_attempt(s, usable[index], kind, args, taken)
         if s not in finished and kept[kind] < targets[kind]:
@@ -519,7 +519,7 @@ def main(argv=None):
     bar = tqdm(total=args.num_pairs, initial=sum(kept.values()), desc="pairs kept", unit="pair")
     slot, taken, exhausted = 0, set(), 0
     while slot < max_slots and any(kept[k] < targets[k] for k in targets):
-        group, none_left = next_group(slot, usable, args, taken, finished, kept, targets)
+        group, none_left = next_group(slot, max_slots, usable, args, taken, finished, kept, targets)
         slot, exhausted = slot + args.batch_size, exhausted + none_left
         if not group:
             continue
