@@ -363,12 +363,17 @@ def split_held_out(pairs, encoded, fraction, seed):
 
 @torch.no_grad()
 def held_out_metrics(model, processor, pairs, encoded, reference, args, device):
-    """Reward accuracy and margin of the current policy on pairs it never trained on."""
-    margins = []
-    for pair, pair_encoded in zip(pairs, encoded):
-        sums, _ = rows_logps(model, processor, [pair_encoded], device, args.shared_prompt, args.fused_head)
-        ref_chosen, ref_rejected = reference[str(pair["id"])]
-        margins.append(args.beta * ((sums[0].item() - ref_chosen) - (sums[1].item() - ref_rejected)))
+    """Reward accuracy and margin of the current policy on pairs it never trained on. In eval mode: in
+    train mode the checkpointed layers would warn, under no_grad, that no input requires grad."""
+    margins, training = [], model.training
+    model.eval()
+    try:
+        for pair, pair_encoded in zip(pairs, encoded):
+            sums, _ = rows_logps(model, processor, [pair_encoded], device, args.shared_prompt, args.fused_head)
+            ref_chosen, ref_rejected = reference[str(pair["id"])]
+            margins.append(args.beta * ((sums[0].item() - ref_chosen) - (sums[1].item() - ref_rejected)))
+    finally:
+        model.train(training)
     return {"val_reward_accuracy": round(sum(m > 0 for m in margins) / len(margins), 4),
             "val_margin": round(sum(margins) / len(margins), 5), "val_pairs": len(margins)}
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Run the pipeline stage by stage into $OUT (default runs/), one subfolder per stage.
-# With MODEL unset, a tiny random Qwen2-VL is built first so the whole run works offline on a CPU.
+# With MODEL unset it runs on the toy-world model (toy_world/model, a few MB, pretrained by
+# toy_world/pretrain.py to see and talk but not to reason about time), offline on a CPU.
 #
 # Knobs (environment variables):
-#   MODEL       model folder or hub id (default: a tiny model built into $OUT/tiny-model)
+#   MODEL       model folder or hub id (default: toy_world/model)
+#   CAPTIONS    caption files for stage 01 (default: the toy world's captions with the toy model, else built-in)
 #   OUT         output root (default: runs)
 #   SEED        random seed (default: 0)
 #   NUM_TRAIN   T3 training records (default: 2000)
@@ -11,11 +13,12 @@
 #   SCALES      T3 event-count scales (default: "1x 2x")
 #   STEPS       optimizer steps for each training stage (default: 60)
 #   BATCH       records per micro-batch (default: 8)
-#   VIDEOS      videos for TPO pairs: a folder or JSONL (default: sample videos written into $OUT/videos)
+#   VIDEOS      videos for TPO pairs: a folder or JSONL (default: stage 02's training videos with the toy model,
+#               else sample videos written into $OUT/videos)
 #   NUM_PAIRS   TPO preference pairs to keep (default: 24)
-#   JUDGE       1: the model judges its pairs; 0: cheap rules only (default: 0 for the tiny model, 1 otherwise)
+#   JUDGE       1: the model judges its pairs; 0: cheap rules only (default: 0 for the toy model, 1 otherwise)
 #   NUM_FRAMES  frames per video in every stage (default: 8)
-#   TEMPERATURE sampling temperature for pair answers (default: 1.0 for the tiny model, 0 = greedy otherwise)
+#   TEMPERATURE sampling temperature for pair answers (default: 1.0 for the toy model, 0 = greedy otherwise)
 #   PROBE_VIDEOS probe videos per aspect in stage 02 (default: 60)
 #   PROBE_SEEDS probe trainings per aspect (default: 2)
 #   BENCH       extra benchmarks for stage 06, space-separated [NAME=]FILE (e.g. "videomme=/data/videomme.json")
@@ -34,11 +37,13 @@ BATCH=${BATCH:-8}
 mkdir -p "$OUT"
 
 if [ -z "${MODEL:-}" ]; then
-  MODEL="$OUT/tiny-model"
-  [ -f "$MODEL/config.json" ] || python tests/tiny_model.py "$MODEL" --arch qwen2_vl
-  # a tiny random model's greedy answers ignore the frames; sampling gives pairs to filter
+  MODEL=toy_world/model
+  [ -f "$MODEL/model.safetensors" ] || python toy_world/pretrain.py "$MODEL"  # shipped; this rebuilds it (about 10 min)
+  CAPTIONS=${CAPTIONS:-$MODEL/captions.jsonl}
+  TOY=1
+  # the toy model answers with one letter, greedily the same one; sampling gives pairs to filter
   TEMPERATURE=${TEMPERATURE:-1.0}
-  # and as a judge it is noise with a fixed bias (it calls every localized question unanswerable)
+  # and it was never taught to judge answers
   JUDGE=${JUDGE:-0}
 fi
 TEMPERATURE=${TEMPERATURE:-0}
@@ -47,7 +52,7 @@ NUM_PAIRS=${NUM_PAIRS:-24}
 NUM_FRAMES=${NUM_FRAMES:-8}
 PROBE_VIDEOS=${PROBE_VIDEOS:-60}
 PROBE_SEEDS=${PROBE_SEEDS:-2}
-if [ -z "${VIDEOS:-}" ]; then
+if [ -z "${VIDEOS:-}" ] && [ -z "${TOY:-}" ]; then
   VIDEOS="$OUT/videos"
   [ -d "$VIDEOS" ] || python tests/videos.py "$VIDEOS" --count 6 --frames 48
 fi
@@ -55,7 +60,8 @@ echo "== model: $MODEL"
 
 echo "== 01 synthesize T3 text tasks -> $OUT/01"
 # shellcheck disable=SC2086
-python 01_synthesize.py --out "$OUT/01" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --seed "$SEED" --scales $SCALES
+python 01_synthesize.py --out "$OUT/01" --num-train "$NUM_TRAIN" --num-val "$NUM_VAL" --seed "$SEED" --scales $SCALES \
+  ${CAPTIONS:+--captions $CAPTIONS}
 python - "$OUT/01/stats.json" <<'PY'
 import json, sys
 stats = json.load(open(sys.argv[1]))
@@ -79,6 +85,18 @@ for aspect in controls:
     row = report["aspects"][aspect]
     print(f"   order-free control ({aspect}): chance {100 * row['chance']:.1f}, video LLM {100 * row['video_llm']:.1f}")
 PY
+
+if [ -z "${VIDEOS:-}" ]; then  # the toy world's own videos, from 02's probe training split (never its test videos)
+  VIDEOS="$OUT/02/tpo_videos.jsonl"
+  python - "$OUT/02/videos.jsonl" "$VIDEOS" <<'PY'
+import json, sys
+with open(sys.argv[2], "w") as f:
+    for line in open(sys.argv[1]):
+        r = json.loads(line)
+        if r["split"] == "train":
+            f.write(json.dumps({"id": r["id"], "video": r["video"]}) + "\n")
+PY
+fi
 
 echo "== 03 QLoRA fine-tuning on T3 text tasks -> $OUT/03"
 rm -rf "$OUT/03"  # a rerun starts over (the stage itself refuses to overwrite a run without --resume)

@@ -1,0 +1,331 @@
+"""Pretrain a small video LLM in the toy world: it learns to see and to talk, not to reason about time.
+
+The toy world is stage 02's: coloured shapes on a plain background that appear, move, grow or
+change light over 32 frames. This script writes a Qwen2-VL of a few MB (the real classes, so
+every stage loads it with Auto*), trained from scratch in three phases, as real video LLMs are:
+
+  1. vision:    the vision tower alone learns which colours and shape each pair of frames shows
+                (a linear head on its visual tokens, dropped after), as real models start from
+                a pretrained image encoder;
+  2. language:  the language model alone, on frame-by-frame descriptions of toy videos (plain
+                language modelling) and on order-free questions about them in the chat format;
+  3. instruct:  everything trains on a mix: frame captions, order-free questions about videos
+                (which object is in it, which of some objects appears, what shape) and the text
+                of phase 2.
+
+No example asks anything whose answer depends on order or change: the model sees and answers,
+but has never been taught to reason about time. Stage 02 shows this (probes on its visual
+encodings far above chance, its answers near chance), and stages 01 + 03 (T3) then teach time
+from text alone. It also writes captions.jsonl: the world's single-frame captions, which stage
+01 strings together into text temporal tasks.
+
+Usage: python toy_world/pretrain.py OUT_DIR [--seed 0] [--hidden 128] [--layers 4] [--steps 300,500,1800]
+"""
+import argparse
+import importlib.util
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FRAME_SIDE = 112  # pixels a frame is scaled to: 8 x 8 patches, 16 visual tokens per pair of frames
+NUM_FRAMES = 8  # frames a video example shows, as run_all.sh's stages do
+SIDES = ((0.4, "on the left"), (0.6, "in the middle"), (1.01, "on the right"))
+HEADER = "The following describes a video, one frame per line, in the order the frames appear."
+
+
+def load(relative, name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, relative))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+PROBE = load("02_probe.py", "probe")
+TINY = load("tests/tiny_model.py", "tiny_model")
+COLOURS = list(PROBE.COLOURS)
+SHAPES = [s for split in ("train", "test") for s in PROBE.SHAPES[split]]
+BACKGROUNDS = [b for split in ("train", "test") for b in PROBE.BACKGROUNDS[split]]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out_dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hidden", type=int, default=128, help="language model width (a multiple of 16)")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--steps", default="300,500,1800", help="optimizer steps of the three phases")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3)
+    args = p.parse_args(argv)
+    args.steps = [int(s) for s in args.steps.split(",")]
+    if len(args.steps) != 3 or min(args.steps) < 0:
+        p.error("--steps takes three counts, e.g. 300,500,1800")
+    return args
+
+
+# ---------------------------------------------------------------- the world, in pictures and words
+
+def random_scene(rng):
+    """(frame states, shape, background) of a video of any of stage 02's kinds, label at random."""
+    aspect = rng.choice(list(PROBE.ASPECTS))
+    _, options, build = PROBE.ASPECTS[aspect]
+    states = build(int(rng.integers(len(options))), rng, PROBE.RENDERED_FRAMES)
+    return states, str(rng.choice(SHAPES)), BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+
+
+def random_frame(rng):
+    """One frame state with one or two objects of different colours, anywhere."""
+    colours = rng.permutation(COLOURS)[:int(rng.integers(1, 3))]
+    objects = [PROBE.still(str(c), float(rng.uniform(0.15, 0.85)), float(rng.uniform(0.2, 0.8)),
+                           float(rng.choice([0.08, 0.14, 0.24]))) for c in colours]
+    return {"objects": objects, "light": float(rng.uniform(0.5, 1.0))}
+
+
+def caption(state, shape):
+    """A frame in the world's words: "a large red triangle on the left and a blue triangle in the middle"."""
+    def words(o):
+        size = "small " if o["size"] < 0.1 else "large " if o["size"] > 0.2 else ""
+        side = next(name for bound, name in SIDES if o["x"] < bound)
+        return f"a {size}{o['colour']} {shape} {side}"
+    return " and ".join(words(o) for o in sorted(state["objects"], key=lambda o: o["x"])) or "nothing"
+
+
+def shown(states):
+    """The frames a model is shown of a video (NUM_FRAMES, spread evenly, as the stages pick them)."""
+    return [states[t] for t in PROBE.uniform_indices(len(states), NUM_FRAMES)]
+
+
+def description(frames, shape):
+    return HEADER + "\n" + "\n".join(f"Frame {n}: {caption(f, shape)}" for n, f in enumerate(frames, 1))
+
+
+def world_captions():
+    """Every single-object caption and a sample of two-object ones: stage 01's caption pool."""
+    rng = random.Random(0)
+    captions = set()
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for size in (0.08, 0.14, 0.24):
+                for x, _ in ((0.2, 0), (0.5, 0), (0.8, 0)):
+                    captions.add(caption({"objects": [PROBE.still(colour, x, 0.5, size)]}, shape))
+        for _ in range(60):
+            a, b = rng.sample(COLOURS, 2)
+            xa, xb = sorted(rng.sample([0.2, 0.5, 0.8], 2))
+            captions.add(caption({"objects": [PROBE.still(a, xa, 0.5), PROBE.still(b, xb, 0.5)]}, shape))
+    return sorted(captions)
+
+
+# ---------------------------------------------------------------- order-free questions
+
+def appearing_colours(frames):
+    return sorted({o["colour"] for f in frames for o in f["objects"]}, key=COLOURS.index)
+
+
+def order_free_question(rng, frames, shape):
+    """(question, options, answer index) about the frames taken as a set: any order of them has the same
+    answer. Options name an object as "the red object" or in caption words ("a red triangle"), so both
+    read as colours."""
+    present = appearing_colours(frames)
+    absent = [c for c in COLOURS if c not in present]
+    kind = rng.choice(["which", "one_of", "shape"] if absent else ["shape"])
+    name = (lambda c: f"the {c} object") if rng.random() < 0.5 else (lambda c: f"a {c} {shape}")
+    if kind == "which" and len(present) == 1:
+        return "Which object is in the video?", [name(c) for c in COLOURS], COLOURS.index(present[0])
+    if kind in ("which", "one_of"):
+        options = [str(rng.choice(present))] + list(rng.permutation(absent)[:int(rng.integers(1, len(absent) + 1))])
+        order = rng.permutation(len(options))
+        return "Which of these objects appears in the video?", [name(options[i]) for i in order], int(np.argmax(order == 0))
+    return "What shape are the objects?", [f"{s}s" for s in SHAPES], SHAPES.index(shape)
+
+
+# ---------------------------------------------------------------- examples as token ids
+
+class Encoder:
+    """Token ids and labels (-100 where no loss) for the three kinds of example."""
+
+    def __init__(self, processor):
+        self.processor, self.tokenizer = processor, processor.tokenizer
+
+    def text(self, text):
+        ids = self.tokenizer(text + self.tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(ids)}
+
+    def chat(self, prompt, answer, image=None, video=None):
+        part = [{"type": "image"}] if image is not None else [{"type": "video"}] if video is not None else []
+        messages = [{"role": "user", "content": part + [{"type": "text", "text": prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = self.processor(text=[text], images=None if image is None else [image],
+                                videos=None if video is None else [video], return_tensors="pt",
+                                **({"do_sample_frames": False} if video is not None else {}))
+        prompt_ids = inputs.pop("input_ids")[0]
+        inputs.pop("attention_mask")
+        answer_ids = torch.tensor(self.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"])
+        example = {"input_ids": torch.cat([prompt_ids, answer_ids]),
+                   "labels": torch.cat([torch.full_like(prompt_ids, -100), answer_ids])}
+        if "mm_token_type_ids" in inputs:  # which tokens are image or video ones (M-RoPE needs it)
+            example["mm_token_type_ids"] = torch.cat([inputs.pop("mm_token_type_ids")[0], torch.zeros_like(answer_ids)])
+        return {**example, **inputs}
+
+
+def description_example(encoder, rng):
+    """A video's frame-by-frame description, as plain text to model."""
+    states, shape, _ = random_scene(rng)
+    return encoder.text(description(shown(states), shape))
+
+
+def text_question_example(encoder, rng):
+    """An order-free question about a description, in the chat format."""
+    states, shape, _ = random_scene(rng)
+    question, options, answer = order_free_question(rng, states, shape)  # about all frames: each lasts a third or more
+    prompt = description(shown(states), shape) + "\n\n" + PROBE.choice_prompt(question, options)
+    return encoder.chat(prompt, PROBE.LETTERS[answer])
+
+
+def caption_example(encoder, rng):
+    """A single frame and its caption."""
+    state, shape = random_frame(rng), str(rng.choice(SHAPES))
+    image = PROBE.render([state], shape, BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])[0]
+    return encoder.chat("Describe the image.", caption(state, shape), image=image)
+
+
+def video_question_example(encoder, rng):
+    """An order-free question about a video of any of the world's kinds."""
+    states, shape, background = random_scene(rng)
+    question, options, answer = order_free_question(rng, states, shape)
+    frames = PROBE.render(shown(states), shape, background)
+    return encoder.chat(PROBE.choice_prompt(question, options), PROBE.LETTERS[answer], video=frames)
+
+
+def collate(examples, pad_id):
+    width = max(len(e["input_ids"]) for e in examples)
+    batch = {"input_ids": torch.full((len(examples), width), pad_id), "labels": torch.full((len(examples), width), -100),
+             "attention_mask": torch.zeros((len(examples), width), dtype=torch.long)}
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        batch["input_ids"][row, :n], batch["labels"][row, :n], batch["attention_mask"][row, :n] = e["input_ids"], e["labels"], 1
+        if "mm_token_type_ids" in e:
+            batch.setdefault("mm_token_type_ids", torch.zeros((len(examples), width), dtype=torch.long))[row, :n] = e["mm_token_type_ids"]
+    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
+        if key in examples[0]:
+            batch[key] = torch.cat([e[key] for e in examples])
+    return batch
+
+
+# ---------------------------------------------------------------- training
+
+def frame_targets(states, shape):
+    """Per frame: which colours it shows and its shape, as 0/1 over COLOURS + SHAPES."""
+    return torch.tensor([[float(any(o["colour"] == c for o in s["objects"])) for c in COLOURS]
+                         + [float(shape == other) for other in SHAPES] for s in states])
+
+
+def train_vision(model, processor, steps, args, seed):
+    """Phase 1: the vision tower learns to tell which colours a temporal unit's frames show, and their
+    shape, from the largest value of each feature over the unit's visual tokens (a linear head, then
+    dropped). Without it the language model learns to ignore the visual tokens: an object covers one
+    of 16, and its signal drowns in an untrained tower's output before attention learns where to look."""
+    if not steps:
+        return
+    vision = model.model.visual
+    head = torch.nn.Linear(model.config.text_config.hidden_size, len(COLOURS) + len(SHAPES))
+    optimizer = torch.optim.AdamW(list(vision.parameters()) + list(head.parameters()), lr=args.lr)
+    rng = np.random.default_rng(seed)
+    merge = processor.video_processor.temporal_patch_size
+    for _ in tqdm(range(steps), desc="1 vision", unit="step", mininterval=2):
+        videos, targets = [], []
+        for _ in range(args.batch_size):
+            states, shape, background = random_scene(rng)
+            frames = shown(states)
+            videos.append(PROBE.render(frames, shape, background))
+            targets.append(frame_targets(frames, shape).view(-1, merge, len(COLOURS) + len(SHAPES)).amax(1))
+        inputs = processor.video_processor(videos=videos, return_tensors="pt", do_sample_frames=False)
+        tokens = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
+        units = torch.cat([t.view(len(target), -1, t.shape[-1]).amax(1) for t, target in zip(tokens, targets)])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(units), torch.cat(targets))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+def train_phase(model, encoder, kinds, steps, args, trainable, name, seed):
+    """`steps` AdamW steps on fresh batches of examples, each batch one of `kinds` in turn."""
+    if not steps:
+        return
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list({id(p): p for module in trainable for p in module.parameters()}.values())  # tied head once
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    rng = np.random.default_rng(seed)
+    pad = model.config.text_config.pad_token_id if hasattr(model.config, "text_config") else model.config.pad_token_id
+    model.train()
+    bar = tqdm(range(steps), desc=name, unit="step", mininterval=2)
+    for step in bar:
+        make = kinds[step % len(kinds)]
+        loss = model(**collate([make(encoder, rng) for _ in range(args.batch_size)], pad)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    model.eval()
+
+
+def build_model(args):
+    corpus = TINY.synthesize_corpus(seed=args.seed)
+    rng = np.random.default_rng(args.seed)
+    corpus += [description(shown(states), shape) for states, shape, _ in (random_scene(rng) for _ in range(2000))]
+    corpus += world_captions()
+    corpus += [PROBE.ASPECTS[a][0] + " " + " ".join(PROBE.ASPECTS[a][1]) for a in PROBE.ASPECTS] * 50
+    tokenizer, template = TINY.train_tokenizer("qwen2_vl", corpus, args.vocab_size)
+    model, processor = TINY.build_qwen2_vl(tokenizer, template, args.hidden, args.layers)
+    # Frames are scaled to FRAME_SIDE pixels: at the tiny model's 56 an object covers a twelfth of the
+    # 28-pixel square each visual token stands for, too little for a two-layer tower to learn colours.
+    pixels = {"shortest_edge": FRAME_SIDE * FRAME_SIDE, "longest_edge": FRAME_SIDE * FRAME_SIDE}
+    processor.image_processor.size = processor.video_processor.size = pixels
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+    start = time.time()
+    model, processor = build_model(args)
+    encoder = Encoder(processor)
+    train_vision(model, processor, args.steps[0], args, args.seed)
+    train_phase(model, encoder, [description_example, text_question_example], args.steps[1], args,
+                [model.model.language_model, model.lm_head], "2 language", args.seed + 1)
+    train_phase(model, encoder, [caption_example, video_question_example, text_question_example, video_question_example,
+                                 description_example], args.steps[2], args, [model], "3 instruct", args.seed + 2)
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, "captions.jsonl"), "w") as f:
+            for i, c in enumerate(world_captions()):
+                f.write(json.dumps({"id": f"toy-{i:04d}", "caption": c}) + "\n")
+        with open(os.path.join(tmp, "pretrain.json"), "w") as f:
+            json.dump({k: v for k, v in vars(args).items() if k != "out_dir"} | {"seconds": round(time.time() - start)}, f, indent=1)
+    TINY.write_atomically(args.out_dir, write)
+    print(f"wrote the toy-world model to {args.out_dir} in {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
