@@ -38,7 +38,7 @@ mkdir -p "$OUT"
 
 if [ -z "${MODEL:-}" ]; then
   MODEL=toy_world/model
-  [ -f "$MODEL/model.safetensors" ] || python toy_world/pretrain.py "$MODEL"  # shipped; this rebuilds it (about 10 min)
+  [ -f "$MODEL/model.safetensors" ] || python toy_world/pretrain.py "$MODEL"  # shipped; this rebuilds it (about 11 min)
   CAPTIONS=${CAPTIONS:-$MODEL/captions.jsonl}
   TOY=1
   # the toy model answers with one letter, greedily the same one; sampling gives pairs to filter
