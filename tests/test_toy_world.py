@@ -85,3 +85,34 @@ def test_toy_model_sees_but_does_not_reason_about_time(tmp_path):
     control, order = rows["appearance"], rows["order_of_two"]
     assert control["video_llm_interval"][0] > 0.5  # chance 0.25, 12 test videos
     assert order["probe_linear"] >= 0.8 and order["video_llm"] <= 0.75  # chance 0.5, 12 test videos
+
+
+def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path):
+    """bench/bench_toy_transfer.py trains on 02's questions in words: stage 06 must read its records back
+    into exactly the prompt 02 gives its text-only LLM, with the right answer, and 03 must load them;
+    temporal and control questions, train and test videos, stay apart."""
+    import sys
+    sys.path.insert(0, os.path.join(REPO, "bench"))
+    spec = importlib.util.spec_from_file_location("bench_toy_transfer", os.path.join(REPO, "bench", "bench_toy_transfer.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    probe, evaluate, train = (bench.load_stage(name) for name in ("02_probe.py", "06_eval.py", "03_train_t3.py"))
+    videos = []
+    for plan in probe.plan_videos(["order_of_three", "appearance"], 9, seed=0):
+        states, shape, _ = probe.build_scene(plan)
+        question, options, _ = probe.ASPECTS[plan["aspect"]]
+        videos.append({**plan, "question": question, "options": options,
+                       "description": probe.describe(states, shape, probe.uniform_indices(len(states), 8))})
+    temporal = bench.words_records(videos, "train", control=False)
+    control = bench.words_records(videos, "test", control=True)
+    assert {r["task"] for r in temporal} == {"order_of_three"} and {r["task"] for r in control} == {"appearance"}
+    assert len(temporal) == sum(v["split"] == "train" and v["aspect"] == "order_of_three" for v in videos) == 3
+    path = tmp_path / "words.jsonl"
+    bench.write_jsonl(path, temporal + control)
+    assert len(train.load_records(str(path))) == len(temporal) + len(control)
+    by_id = {f"words-{v['id']}": v for v in videos}
+    for number, record in enumerate(temporal + control, 1):
+        item = evaluate.to_item("t3", record, f"words.jsonl:{number}", str(tmp_path), None, "official")
+        video = by_id[record["id"]]
+        asked = probe.TEXT_PREFIX.format(description=video["description"]) + probe.choice_prompt(video["question"], video["options"])
+        assert item["prompt"] == asked and item["options"] == video["options"] and item["answer"] == video["label"]

@@ -255,6 +255,7 @@ def train_vision(model, processor, steps, args, seed):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+
 def train_phase(model, encoder, kinds, steps, args, trainable, name, seed):
     """`steps` AdamW steps on fresh batches of examples, each batch one of `kinds` in turn."""
     if not steps:

@@ -1,0 +1,125 @@
+"""Does training on text reach the toy model's answers about videos? Stage 03 on words, stage 06 on videos.
+
+The toy world's check of the T3 finding, run with the stages as they ship:
+
+  1. 02_probe.py renders its videos, writes its test videos as probe_bench.jsonl (temporal
+     questions) and probe_control_bench.jsonl (the order-free control), and describes every
+     video's frames in words, as it does for its text-only LLM;
+  2. text training sets, written as stage 01 writes records (conversation, options, answer):
+       words    02's temporal questions about its *training* videos, the frames given in words
+                exactly as 02 gives them to the text-only LLM. They are the benchmark's own
+                questions, so no text training could transfer more: an upper bound;
+       control  02's order-free control question about the same videos, in words;
+       t3       stage 01's records from the world's captions, as run_all.sh makes them;
+  3. 03_train_t3.py trains one adapter on each, with the same settings (4-bit QLoRA by default);
+  4. 06_eval.py scores the base model and every adapter on the two video benchmarks and on the
+     words questions about 02's *test* videos (which shows whether the text skill was learned),
+     each adapter against the base model on the same items, with 95% intervals.
+
+Transfer shows as a gain on probe_bench for `words` (and `t3`) whose interval excludes 0, with
+none for `control`. Every stage's output stays in --work-dir when one is given.
+
+Usage: python bench/bench_toy_transfer.py [--sets words,control,t3] [--steps 400] [--num-videos 150]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+from stages import REPO, load_stage, machine
+
+SETS = ("words", "control", "t3")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", default=os.path.join(REPO, "toy_world", "model"))
+    p.add_argument("--sets", default=",".join(SETS), help=f"training sets, comma-separated, of: {', '.join(SETS)}")
+    p.add_argument("--num-videos", type=int, default=150, help="02's videos per aspect (a third are test videos)")
+    p.add_argument("--steps", type=int, default=400, help="03's optimizer steps for each adapter")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--no-4bit", action="store_true", help="train and score the model unquantized")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", help="keep every stage's output here (default: a temporary folder)")
+    args = p.parse_args(argv)
+    args.sets = [s for s in args.sets.split(",") if s]
+    unknown = [s for s in args.sets if s not in SETS]
+    if unknown or not args.sets:
+        p.error(f"--sets takes some of {', '.join(SETS)}, not {','.join(unknown) or 'nothing'}")
+    return args
+
+
+def stage(log_dir, name, *argv):
+    """Run a stage script; its output goes to LOG_DIR/NAME.log, and its tail is shown if it fails."""
+    log = os.path.join(log_dir, f"{name}.log")
+    began = time.perf_counter()
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, os.path.join(REPO, argv[0]), *map(str, argv[1:])], stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode:
+        sys.exit(f"{name} failed (exit {done.returncode}); the end of {log}:\n" + "".join(open(log).readlines()[-15:]))
+    return time.perf_counter() - began
+
+
+def words_records(probe_videos, split, control):
+    """02's question about each video of `split`, the frames in words, as stage 01 writes a multiple-choice record."""
+    probe = load_stage("02_probe.py")
+    records = []
+    for video in probe_videos:
+        if video["split"] != split or (video["aspect"] in probe.CONTROLS) != control:
+            continue
+        prompt = probe.TEXT_PREFIX.format(description=video["description"]) + probe.choice_prompt(video["question"], video["options"])
+        answer = probe.LETTERS[video["label"]]
+        records.append({"id": f"words-{video['id']}", "task": video["aspect"], "answer": answer,
+                        "options": [f"{probe.LETTERS[i]}. {o}" for i, o in enumerate(video["options"])],
+                        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
+    return records
+
+
+def write_jsonl(path, records):
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work_dir or tmp
+        os.makedirs(work, exist_ok=True)
+        quantized = ["--no-4bit"] if args.no_4bit else []
+        seconds = {"02": stage(work, "02", "02_probe.py", "--model", args.model, "--out", f"{work}/02", "--num-videos",
+                               args.num_videos, "--num-frames", 8, "--seeds", 1, "--seed", args.seed, *quantized)}
+        probe_videos = [json.loads(line) for line in open(f"{work}/02/videos.jsonl")]
+        train = {"words": words_records(probe_videos, "train", control=False),
+                 "control": words_records(probe_videos, "train", control=True)}
+        write_jsonl(f"{work}/words_test.jsonl", words_records(probe_videos, "test", control=False))
+        if "t3" in args.sets:
+            seconds["01"] = stage(work, "01", "01_synthesize.py", "--out", f"{work}/01", "--captions",
+                                  os.path.join(args.model, "captions.jsonl"), "--num-train", args.steps * args.batch_size,
+                                  "--num-val", 200, "--scales", "1x", "2x", "--seed", args.seed)
+        adapters = []
+        for name in args.sets:
+            path = f"{work}/01/t3_train.jsonl" if name == "t3" else f"{work}/{name}_train.jsonl"
+            if name != "t3":
+                write_jsonl(path, train[name])
+            seconds[f"03 {name}"] = stage(work, f"03_{name}", "03_train_t3.py", "--model", args.model, "--train", path,
+                                          "--out", f"{work}/03_{name}", "--max-steps", args.steps, "--batch-size",
+                                          args.batch_size, "--grad-accum", 1, "--lr", args.lr, "--save-every", args.steps,
+                                          "--seed", args.seed, *quantized)
+            adapters += ["--adapter", f"{name}={work}/03_{name}"]
+        seconds["06"] = stage(work, "06", "06_eval.py", "--model", args.model, *adapters,
+                              "--bench", f"{work}/02/probe_bench.jsonl", "--bench", f"{work}/02/probe_control_bench.jsonl",
+                              "--bench", f"words_test={work}/words_test.jsonl", "--num-frames", 8, "--out", f"{work}/06", *quantized)
+        print(f"{machine()}; model {args.model}; {len(train['words'])} words and {len(train['control'])} control training "
+              f"records; {args.steps} steps x {args.batch_size}, lr {args.lr}, {'unquantized' if args.no_4bit else '4-bit QLoRA'}")
+        print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")
+        results = open(f"{work}/06/results.md").read()
+        print(results[:results.find("The prompt of")].strip())  # the tables; the prompts shown are 06's own checks
+
+
+if __name__ == "__main__":
+    main()
