@@ -65,9 +65,9 @@ def stage(log_dir, name, *argv):
     return time.perf_counter() - began
 
 
-def words_records(probe_videos, split, control):
-    """02's question about each video of `split`, the frames in words, as stage 01 writes a multiple-choice record."""
-    probe = load_stage("02_probe.py")
+def words_records(probe, probe_videos, split, control):
+    """02's question about each video of `split`, the frames in words, as stage 01 writes a multiple-choice
+    record; `probe` is stage 02's module, whose prompt and letters these are."""
     records = []
     for video in probe_videos:
         if video["split"] != split or (video["aspect"] in probe.CONTROLS) != control:
@@ -93,10 +93,10 @@ def main(argv=None):
         quantized = ["--no-4bit"] if args.no_4bit else []
         seconds = {"02": stage(work, "02", "02_probe.py", "--model", args.model, "--out", f"{work}/02", "--num-videos",
                                args.num_videos, "--num-frames", 8, "--seeds", 1, "--seed", args.seed, *quantized)}
-        probe_videos = [json.loads(line) for line in open(f"{work}/02/videos.jsonl")]
-        train = {"words": words_records(probe_videos, "train", control=False),
-                 "control": words_records(probe_videos, "train", control=True)}
-        write_jsonl(f"{work}/words_test.jsonl", words_records(probe_videos, "test", control=False))
+        probe, probe_videos = load_stage("02_probe.py"), [json.loads(line) for line in open(f"{work}/02/videos.jsonl")]
+        train = {"words": words_records(probe, probe_videos, "train", control=False),
+                 "control": words_records(probe, probe_videos, "train", control=True)}
+        write_jsonl(f"{work}/words_test.jsonl", words_records(probe, probe_videos, "test", control=False))
         if "t3" in args.sets:
             seconds["01"] = stage(work, "01", "01_synthesize.py", "--out", f"{work}/01", "--captions",
                                   os.path.join(args.model, "captions.jsonl"), "--num-train", args.steps * args.batch_size,

@@ -103,8 +103,8 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path):
         question, options, _ = probe.ASPECTS[plan["aspect"]]
         videos.append({**plan, "question": question, "options": options,
                        "description": probe.describe(states, shape, probe.uniform_indices(len(states), 8))})
-    temporal = bench.words_records(videos, "train", control=False)
-    control = bench.words_records(videos, "test", control=True)
+    temporal = bench.words_records(probe, videos, "train", control=False)
+    control = bench.words_records(probe, videos, "test", control=True)
     assert {r["task"] for r in temporal} == {"order_of_three"} and {r["task"] for r in control} == {"appearance"}
     assert len(temporal) == sum(v["split"] == "train" and v["aspect"] == "order_of_three" for v in videos) == 3
     path = tmp_path / "words.jsonl"
