@@ -87,12 +87,11 @@ def test_toy_model_sees_but_does_not_reason_about_time(tmp_path):
     assert order["probe_linear"] >= 0.8 and order["video_llm"] <= 0.75  # chance 0.5, 12 test videos
 
 
-def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path):
+def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, monkeypatch):
     """bench/bench_toy_transfer.py trains on 02's questions in words: stage 06 must read its records back
     into exactly the prompt 02 gives its text-only LLM, with the right answer, and 03 must load them;
     temporal and control questions, train and test videos, stay apart."""
-    import sys
-    sys.path.insert(0, os.path.join(REPO, "bench"))
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))  # the bench imports its neighbour stages.py
     spec = importlib.util.spec_from_file_location("bench_toy_transfer", os.path.join(REPO, "bench", "bench_toy_transfer.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
