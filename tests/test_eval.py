@@ -161,6 +161,15 @@ def predictions(folder):
     return {(p["model"], p["bench"], p["id"]): p for p in map(json.loads, open(os.path.join(folder, "predictions.jsonl")))}
 
 
+def assert_same_predictions(got, expected):
+    """The same items with the same answers; scores equal up to float noise. A batch padded differently (another
+    shard, a resumed run) may round the last of 5 decimals the other way on some CPUs' kernels."""
+    assert got.keys() == expected.keys()
+    for key, p in expected.items():
+        assert {k: v for k, v in got[key].items() if k != "scores"} == {k: v for k, v in p.items() if k != "scores"}, key
+        assert got[key]["scores"] == pytest.approx(p["scores"], abs=1e-4), key
+
+
 @pytest.mark.slow
 def test_several_adapters_equal_separate_runs(tiny_models, benches, adapters, tmp_path):
     both = run_eval(tiny_models, benches, tmp_path / "both", "--adapter", f"one={adapters['one']}",
@@ -202,7 +211,7 @@ def test_shards_merge_and_resume_give_the_whole_run(tiny_models, benches, tmp_pa
     merged = subprocess.run([sys.executable, SCRIPT, "--merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"),
                              "--out", str(tmp_path / "merged")], capture_output=True, text=True)
     assert merged.returncode == 0, merged.stderr[-2000:]
-    assert predictions(tmp_path / "merged") == whole
+    assert_same_predictions(predictions(tmp_path / "merged"), whole)
     same = lambda folder: json.load(open(tmp_path / folder / "results.json"))["results"]
     assert same("merged") == same("whole")
 
@@ -211,7 +220,7 @@ def test_shards_merge_and_resume_give_the_whole_run(tiny_models, benches, tmp_pa
     (tmp_path / "killed" / "predictions.jsonl").write_text("\n".join(lines[:5]) + "\n" + lines[5][:20])  # torn last line
     resumed = run_eval(tiny_models, benches, tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert predictions(tmp_path / "killed") == whole
+    assert_same_predictions(predictions(tmp_path / "killed"), whole)
     assert len(open(tmp_path / "killed" / "predictions.jsonl").read().splitlines()) == len(lines)
 
 
