@@ -40,19 +40,27 @@ def test_captions_name_what_the_frame_shows():
     assert pretrain.caption({"objects": []}, "circle") == "nothing"
 
 
-def test_pretraining_is_seeded_and_writes_a_model_every_stage_loads(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava_onevision"])
+def test_pretraining_is_seeded_and_writes_a_model_every_stage_loads(tmp_path, arch):
     from transformers import AutoModelForImageTextToText, AutoProcessor
     pretrain = load_pretrain()
     digests = []
     for name in ("a", "b"):
-        pretrain.main([str(tmp_path / name), "--steps", "2,1,2", "--hidden", "32", "--layers", "1", "--batch-size", "2"])
+        pretrain.main([str(tmp_path / name), "--arch", arch, "--steps", "2,1,2", "--hidden", "32", "--layers", "1", "--batch-size", "2"])
         digests.append(hashlib.sha256((tmp_path / name / "model.safetensors").read_bytes()).hexdigest())
     assert digests[0] == digests[1]
     model = AutoModelForImageTextToText.from_pretrained(tmp_path / "a")
     processor = AutoProcessor.from_pretrained(tmp_path / "a")
-    assert model.config.model_type == "qwen2_vl" and processor.video_processor.size.longest_edge == pretrain.FRAME_SIDE ** 2
+    assert model.config.model_type == arch
+    if arch == "qwen2_vl":
+        assert processor.video_processor.size.longest_edge == pretrain.FRAME_SIDE ** 2
+    else:  # the world's frames as they are, 16 tokens each
+        assert processor.video_processor.size.height == pretrain.PROBE.FRAME_SIDE
+        states, shape, background = pretrain.random_scene(np.random.default_rng(0))
+        video = pretrain.PROBE.render(pretrain.shown(states), shape, background)
+        assert pretrain.unit_tokens(model, processor, [video], pretrain.NUM_FRAMES).shape[:3] == (1, pretrain.NUM_FRAMES, 16)
     settings = json.load(open(tmp_path / "a" / "pretrain.json"))
-    assert settings["steps"] == [2, 1, 2] and settings["seed"] == 0
+    assert settings["steps"] == [2, 1, 2] and settings["seed"] == 0 and settings["arch"] == arch
     # its captions are stage 01's input as they ship
     result = run_in_process("01_synthesize.py", "--out", tmp_path / "01", "--captions", tmp_path / "a" / "captions.jsonl",
                             "--num-train", 40, "--num-val", 8, "--scales", "1x", "--workers", 1)

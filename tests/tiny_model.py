@@ -117,10 +117,10 @@ def build_qwen2_vl(tokenizer, template, hidden, layers):
     return Qwen2VLForConditionalGeneration(config), processor
 
 
-def build_llava_onevision(tokenizer, template, hidden, layers):
+def build_llava_onevision(tokenizer, template, hidden, layers, side=32, patch=8):
+    """Frames and images of side x side pixels in patch x patch patches (a video frame's are pooled 2 x 2)."""
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
                               LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor)
-    side, patch = 32, 8
     pinpoints = [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
     image_processor = LlavaOnevisionImageProcessor(size={"height": side, "width": side}, crop_size={"height": side, "width": side},
                                                    image_grid_pinpoints=pinpoints)

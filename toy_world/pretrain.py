@@ -1,8 +1,9 @@
 """Pretrain a small video LLM in the toy world: it learns to see and to talk, not to reason about time.
 
 The toy world is stage 02's: coloured shapes on a plain background that appear, move, grow or
-change light over 32 frames. This script writes a Qwen2-VL of a few MB (the real classes, so
-every stage loads it with Auto*), trained from scratch in three phases, as real video LLMs are:
+change light over 32 frames. This script writes a Qwen2-VL (or, with --arch, a LLaVA-OneVision)
+of a few MB (the real classes, so every stage loads it with Auto*), trained from scratch in three
+phases, as real video LLMs are:
 
   1. vision:    the vision tower alone learns which colours and shape each pair of frames shows
                 (a linear head on its visual tokens, dropped after), as real models start from
@@ -19,7 +20,7 @@ encodings far above chance, its answers near chance), and stages 01 + 03 (T3) th
 from text alone. It also writes captions.jsonl: the world's single-frame captions, which stage
 01 strings together into text temporal tasks.
 
-Usage: python toy_world/pretrain.py OUT_DIR [--seed 0] [--hidden 128] [--layers 4] [--steps 300,500,1800]
+Usage: python toy_world/pretrain.py OUT_DIR [--seed 0] [--arch qwen2_vl] [--hidden 128] [--layers 4] [--steps 300,500,1800]
 """
 import argparse
 import importlib.util
@@ -59,6 +60,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", default="qwen2_vl", choices=("qwen2_vl", "llava_onevision"),
+                   help="qwen2_vl: M-RoPE, a video's 4 units share positions; llava_onevision: its frames' "
+                        "tokens follow one another in the text's own positions")
     p.add_argument("--hidden", type=int, default=128, help="language model width (a multiple of 16)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=1024)
@@ -214,9 +218,8 @@ def collate(examples, pad_id):
         batch["input_ids"][row, :n], batch["labels"][row, :n], batch["attention_mask"][row, :n] = e["input_ids"], e["labels"], 1
         if "mm_token_type_ids" in e:
             batch.setdefault("mm_token_type_ids", torch.zeros((len(examples), width), dtype=torch.long))[row, :n] = e["mm_token_type_ids"]
-    for key in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"):
-        if key in examples[0]:
-            batch[key] = torch.cat([e[key] for e in examples])
+    for key in examples[0].keys() - batch.keys() - {"mm_token_type_ids"}:  # pixels and their grids or sizes
+        batch[key] = torch.cat([e[key] for e in examples])
     return batch
 
 
@@ -235,11 +238,11 @@ def train_vision(model, processor, steps, args, seed):
     of 16, and its signal drowns in an untrained tower's output before attention learns where to look."""
     if not steps:
         return
-    vision = model.model.visual
+    vision = vision_modules(model)
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(COLOURS) + len(SHAPES))
-    optimizer = torch.optim.AdamW(list(vision.parameters()) + list(head.parameters()), lr=args.lr)
+    optimizer = torch.optim.AdamW([p for m in vision for p in m.parameters()] + list(head.parameters()), lr=args.lr)
     rng = np.random.default_rng(seed)
-    merge = processor.video_processor.temporal_patch_size
+    merge = getattr(processor.video_processor, "temporal_patch_size", 1)
     for _ in tqdm(range(steps), desc="1 vision", unit="step", mininterval=2):
         videos, targets = [], []
         for _ in range(args.batch_size):
@@ -247,13 +250,36 @@ def train_vision(model, processor, steps, args, seed):
             frames = shown(states)
             videos.append(PROBE.render(frames, shape, background))
             targets.append(frame_targets(frames, shape).view(-1, merge, len(COLOURS) + len(SHAPES)).amax(1))
-        inputs = processor.video_processor(videos=videos, return_tensors="pt", do_sample_frames=False)
-        tokens = model.model.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output
-        units = torch.cat([t.view(len(target), -1, t.shape[-1]).amax(1) for t, target in zip(tokens, targets)])
+        tokens = unit_tokens(model, processor, videos, len(targets[0]))
+        units = tokens.amax(2).flatten(0, 1)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(units), torch.cat(targets))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+
+def vision_modules(model):
+    """What turns pixels into visual tokens: Qwen2-VL's tower (its merger included), or LLaVA-OneVision's
+    SigLIP tower and projector."""
+    if hasattr(model.model, "visual"):
+        return [model.model.visual]
+    return [model.model.vision_tower, model.model.multi_modal_projector]
+
+
+def unit_tokens(model, processor, videos, units):
+    """[videos, temporal units, tokens per unit, width]: the visual tokens the language model reads,
+    grouped by temporal unit (a pair of frames in Qwen2-VL, a frame in LLaVA-OneVision, whose trailing
+    newline token is left out)."""
+    inputs = processor.video_processor(videos=videos, return_tensors="pt", do_sample_frames=False)
+    get = model.model.get_video_features
+    if "video_grid_thw" in inputs:
+        tokens = torch.stack(list(get(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output))
+    else:
+        tokens = get(inputs["pixel_values_videos"], vision_feature_layer=model.config.vision_feature_layer,
+                     vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
+    tokens = tokens.view(len(videos), -1, tokens.shape[-1])
+    per_unit = tokens.shape[1] // units
+    return tokens[:, :units * per_unit].reshape(len(videos), units, per_unit, -1)
 
 
 def train_phase(model, encoder, kinds, steps, args, trainable, name, seed):
@@ -289,12 +315,16 @@ def build_model(args):
     corpus += [description(shown(states), shape) for states, shape, _ in (random_scene(rng) for _ in range(2000))]
     corpus += world_captions()
     corpus += [PROBE.ASPECTS[a][0] + " " + " ".join(PROBE.ASPECTS[a][1]) for a in PROBE.ASPECTS] * 50
-    tokenizer, template = TINY.train_tokenizer("qwen2_vl", corpus, args.vocab_size)
-    model, processor = TINY.build_qwen2_vl(tokenizer, template, args.hidden, args.layers)
-    # Frames are scaled to FRAME_SIDE pixels: at the tiny model's 56 an object covers a twelfth of the
-    # 28-pixel square each visual token stands for, too little for a two-layer tower to learn colours.
-    pixels = {"shortest_edge": FRAME_SIDE * FRAME_SIDE, "longest_edge": FRAME_SIDE * FRAME_SIDE}
-    processor.image_processor.size = processor.video_processor.size = pixels
+    tokenizer, template = TINY.train_tokenizer(args.arch, corpus, args.vocab_size)
+    if args.arch == "llava_onevision":
+        # frames at the world's own 64 pixels, 8-pixel patches pooled 2 x 2: 16 tokens per frame
+        model, processor = TINY.build_llava_onevision(tokenizer, template, args.hidden, args.layers, side=PROBE.FRAME_SIDE, patch=8)
+    else:
+        model, processor = TINY.build_qwen2_vl(tokenizer, template, args.hidden, args.layers)
+        # Frames are scaled to FRAME_SIDE pixels: at the tiny model's 56 an object covers a twelfth of the
+        # 28-pixel square each visual token stands for, too little for a two-layer tower to learn colours.
+        pixels = {"shortest_edge": FRAME_SIDE * FRAME_SIDE, "longest_edge": FRAME_SIDE * FRAME_SIDE}
+        processor.image_processor.size = processor.video_processor.size = pixels
     model.config.tie_word_embeddings = True
     model.tie_weights()
     model.generation_config.eos_token_id = tokenizer.eos_token_id
