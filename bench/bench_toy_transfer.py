@@ -14,7 +14,10 @@ The toy world's check of the T3 finding, run with the stages as they ship:
   3. 03_train_t3.py trains one adapter on each, with the same settings (4-bit QLoRA by default);
   4. 06_eval.py scores the base model and every adapter on the two video benchmarks and on the
      words questions about 02's *test* videos (which shows whether the text skill was learned),
-     each adapter against the base model on the same items, with 95% intervals.
+     each adapter against the base model on the same items, with 95% intervals. It also scores
+     them on those questions with the frames in the toy world's caption words ("Frame 2: a large
+     red circle on the left", the words it was pretrained on, not 02's coordinates): a skill that
+     does not survive other words cannot be expected to survive pictures.
 
 Transfer shows as a gain on probe_bench for `words` (and `t3`) whose interval excludes 0, with
 none for `control`. Every stage's output stays in --work-dir when one is given.
@@ -32,6 +35,7 @@ import time
 from stages import REPO, load_stage, machine
 
 SETS = ("words", "control", "t3")
+NUM_FRAMES = 8  # frames per video, as run_all.sh's stages take them
 
 
 def parse_args(argv=None):
@@ -80,6 +84,18 @@ def words_records(probe, probe_videos, split, control):
     return records
 
 
+def in_caption_words(probe, pretrain, probe_videos, num_videos, seed):
+    """02's videos with their frames described in the toy world's caption words instead of 02's
+    coordinates: the same questions and answers, in other words. Scenes are rebuilt from 02's plans."""
+    plans = {p["id"]: p for p in probe.plan_videos(sorted({v["aspect"] for v in probe_videos}), num_videos, seed)}
+    reworded = []
+    for video in probe_videos:
+        states, shape, _ = probe.build_scene(plans[video["id"]])
+        frames = [states[t] for t in probe.uniform_indices(len(states), NUM_FRAMES)]
+        reworded.append({**video, "description": pretrain.frame_lines(frames, shape)})
+    return reworded
+
+
 def write_jsonl(path, records):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -92,11 +108,14 @@ def main(argv=None):
         os.makedirs(work, exist_ok=True)
         quantized = ["--no-4bit"] if args.no_4bit else []
         seconds = {"02": stage(work, "02", "02_probe.py", "--model", args.model, "--out", f"{work}/02", "--num-videos",
-                               args.num_videos, "--num-frames", 8, "--seeds", 1, "--seed", args.seed, *quantized)}
+                               args.num_videos, "--num-frames", NUM_FRAMES, "--seeds", 1, "--seed", args.seed, *quantized)}
         probe, probe_videos = load_stage("02_probe.py"), [json.loads(line) for line in open(f"{work}/02/videos.jsonl")]
         train = {"words": words_records(probe, probe_videos, "train", control=False),
                  "control": words_records(probe, probe_videos, "train", control=True)}
         write_jsonl(f"{work}/words_test.jsonl", words_records(probe, probe_videos, "test", control=False))
+        pretrain = load_stage(os.path.join("toy_world", "pretrain.py"))
+        reworded = in_caption_words(probe, pretrain, probe_videos, args.num_videos, args.seed)
+        write_jsonl(f"{work}/caption_words_test.jsonl", words_records(probe, reworded, "test", control=False))
         if "t3" in args.sets:
             seconds["01"] = stage(work, "01", "01_synthesize.py", "--out", f"{work}/01", "--captions",
                                   os.path.join(args.model, "captions.jsonl"), "--num-train", args.steps * args.batch_size,
@@ -113,7 +132,9 @@ def main(argv=None):
             adapters += ["--adapter", f"{name}={work}/03_{name}"]
         seconds["06"] = stage(work, "06", "06_eval.py", "--model", args.model, *adapters,
                               "--bench", f"{work}/02/probe_bench.jsonl", "--bench", f"{work}/02/probe_control_bench.jsonl",
-                              "--bench", f"words_test={work}/words_test.jsonl", "--num-frames", 8, "--out", f"{work}/06", *quantized)
+                              "--bench", f"words_test={work}/words_test.jsonl",
+                              "--bench", f"caption_words_test={work}/caption_words_test.jsonl",
+                              "--num-frames", NUM_FRAMES, "--out", f"{work}/06", *quantized)
         print(f"{machine()}; model {args.model}; {len(train['words'])} words and {len(train['control'])} control training "
               f"records; {args.steps} steps x {args.batch_size}, lr {args.lr}, {'unquantized' if args.no_4bit else '4-bit QLoRA'}")
         print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")

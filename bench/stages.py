@@ -9,8 +9,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_stage(filename):
-    """A stage script as a module (its file name is not a valid module name), without running main()."""
-    spec = importlib.util.spec_from_file_location(filename[3:-3], os.path.join(REPO, filename))
+    """A stage script (or another of the repo's scripts, by its path in the repo) as a module, without
+    running main(); a stage's file name is not a valid module name, so "02_probe.py" becomes "probe"."""
+    name = os.path.splitext(os.path.basename(filename))[0].lstrip("0123456789_")
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, filename))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -123,3 +123,15 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, 
         video = by_id[record["id"]]
         asked = probe.TEXT_PREFIX.format(description=video["description"]) + probe.choice_prompt(video["question"], video["options"])
         assert item["prompt"] == asked and item["options"] == video["options"] and item["answer"] == video["label"]
+    # the same test videos in the caption words the toy was pretrained on: same questions and answers, other words
+    pretrain = load_pretrain()
+    reworded = bench.words_records(probe, bench.in_caption_words(probe, pretrain, videos, 9, seed=0), "test", control=True)
+    assert [(r["id"], r["answer"], r["options"]) for r in reworded] == [(r["id"], r["answer"], r["options"]) for r in control]
+    for record, original in zip(reworded, control):
+        video = by_id[record["id"]]
+        states, shape, _ = probe.build_scene(next(p for p in probe.plan_videos([video["aspect"]], 9, 0) if p["id"] == video["id"]))
+        lines = record["conversations"][0]["value"].split("\n")
+        shown = [states[t] for t in probe.uniform_indices(len(states), 8)]
+        assert [line for line in lines if line.startswith("Frame ")] == [f"Frame {n}: {pretrain.caption(f, shape)}"
+                                                                         for n, f in enumerate(shown, 1)]
+        assert record["conversations"][0]["value"] != original["conversations"][0]["value"]

@@ -108,8 +108,13 @@ def shown(states):
     return [states[t] for t in PROBE.uniform_indices(len(states), NUM_FRAMES)]
 
 
+def frame_lines(frames, shape):
+    """One caption per frame, numbered: "Frame 1: a red circle on the left"."""
+    return "\n".join(f"Frame {n}: {caption(f, shape)}" for n, f in enumerate(frames, 1))
+
+
 def description(frames, shape):
-    return HEADER + "\n" + "\n".join(f"Frame {n}: {caption(f, shape)}" for n, f in enumerate(frames, 1))
+    return HEADER + "\n" + frame_lines(frames, shape)
 
 
 def world_captions():
