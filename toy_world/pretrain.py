@@ -61,8 +61,8 @@ def parse_args(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", default="qwen2_vl", choices=("qwen2_vl", "llava_onevision"),
-                   help="qwen2_vl: M-RoPE, a video's 4 units share positions; llava_onevision: its frames' "
-                        "tokens follow one another in the text's own positions")
+                   help="qwen2_vl (the shipped model): M-RoPE, a video's 4 units of 2 frames 1 position apart on "
+                        "its time axis; llava_onevision: each frame's 16 tokens after the last, in the text's own 1D positions")
     p.add_argument("--hidden", type=int, default=128, help="language model width (a multiple of 16)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab-size", type=int, default=1024)
