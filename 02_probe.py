@@ -282,11 +282,10 @@ def render_videos(plans, out, num_frames) -> list[ProbeVideo]:
 
 # ---------------------------------------------------------------- visual encodings
 
-@torch.no_grad()
-def frame_features(model, processor, videos, device):
-    """[videos, temporal units, width]: what the model puts into its video tokens (its own
-    get_video_features), mean-pooled over space. A unit is a frame, or a group of frames where
-    the vision tower merges time (Qwen2-VL: 2); trailing separator rows are left out."""
+def video_tokens(model, processor, videos, device):
+    """[videos, temporal units, tokens per unit, width]: what the model puts into its video tokens
+    (its own get_video_features), with gradients where they are on. A unit is a frame, or a group of
+    frames where the vision tower merges time (Qwen2-VL: 2); trailing separator rows are left out."""
     videos = list(videos)
     inputs = processor.video_processor(videos=videos, return_tensors="pt", **video_timing(videos))
     get = model.model.get_video_features
@@ -301,7 +300,13 @@ def frame_features(model, processor, videos, device):
     units = int(inputs["video_grid_thw"][0, 0]) if "video_grid_thw" in inputs else len(videos[0])
     per_video = features.float().reshape(len(videos), -1, features.shape[-1])
     per_unit = per_video.shape[1] // units  # rows past units * per_unit are separators (LLaVA-OneVision's newline)
-    return per_video[:, :units * per_unit].reshape(len(videos), units, per_unit, -1).mean(2).cpu()
+    return per_video[:, :units * per_unit].reshape(len(videos), units, per_unit, -1)
+
+
+@torch.no_grad()
+def frame_features(model, processor, videos, device):
+    """[videos, temporal units, width]: the video tokens of each temporal unit, mean-pooled over space."""
+    return video_tokens(model, processor, videos, device).mean(2).cpu()
 
 
 def encode_videos(model, processor, records, out, num_frames, batch_size, device, cache_key):

@@ -58,7 +58,7 @@ def test_pretraining_is_seeded_and_writes_a_model_every_stage_loads(tmp_path, ar
         assert processor.video_processor.size.height == pretrain.PROBE.FRAME_SIDE
         states, shape, background = pretrain.random_scene(np.random.default_rng(0))
         video = pretrain.PROBE.render(pretrain.shown(states), shape, background)
-        assert pretrain.unit_tokens(model, processor, [video], pretrain.NUM_FRAMES).shape[:3] == (1, pretrain.NUM_FRAMES, 16)
+        assert pretrain.PROBE.video_tokens(model, processor, [video], model.device).shape[:3] == (1, pretrain.NUM_FRAMES, 16)
     settings = json.load(open(tmp_path / "a" / "pretrain.json"))
     assert settings["steps"] == [2, 1, 2] and settings["seed"] == 0 and settings["arch"] == arch
     # its captions are stage 01's input as they ship

@@ -255,8 +255,7 @@ def train_vision(model, processor, steps, args, seed):
             frames = shown(states)
             videos.append(PROBE.render(frames, shape, background))
             targets.append(frame_targets(frames, shape).view(-1, merge, len(COLOURS) + len(SHAPES)).amax(1))
-        tokens = unit_tokens(model, processor, videos, len(targets[0]))
-        units = tokens.amax(2).flatten(0, 1)
+        units = PROBE.video_tokens(model, processor, videos, model.device).amax(2).flatten(0, 1)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(head(units), torch.cat(targets))
         loss.backward()
         optimizer.step()
@@ -269,22 +268,6 @@ def vision_modules(model):
     if hasattr(model.model, "visual"):
         return [model.model.visual]
     return [model.model.vision_tower, model.model.multi_modal_projector]
-
-
-def unit_tokens(model, processor, videos, units):
-    """[videos, temporal units, tokens per unit, width]: the visual tokens the language model reads,
-    grouped by temporal unit (a pair of frames in Qwen2-VL, a frame in LLaVA-OneVision, whose trailing
-    newline token is left out)."""
-    inputs = processor.video_processor(videos=videos, return_tensors="pt", do_sample_frames=False)
-    get = model.model.get_video_features
-    if "video_grid_thw" in inputs:
-        tokens = torch.stack(list(get(inputs["pixel_values_videos"], inputs["video_grid_thw"]).pooler_output))
-    else:
-        tokens = get(inputs["pixel_values_videos"], vision_feature_layer=model.config.vision_feature_layer,
-                     vision_feature_select_strategy=model.config.vision_feature_select_strategy).pooler_output
-    tokens = tokens.view(len(videos), -1, tokens.shape[-1])
-    per_unit = tokens.shape[1] // units
-    return tokens[:, :units * per_unit].reshape(len(videos), units, per_unit, -1)
 
 
 def train_phase(model, encoder, kinds, steps, args, trainable, name, seed):
