@@ -9,9 +9,15 @@ The toy world's check of the T3 finding, run with the stages as they ship:
        words    02's temporal questions about its *training* videos, the frames given in words
                 exactly as 02 gives them to the text-only LLM. They are the benchmark's own
                 questions, so no text training could transfer more: an upper bound;
+       caption_words  the same questions about the same videos, each frame in the toy world's own caption
+                words ("Frame 2: a large red circle on the left"), which it was pretrained on and
+                stage 01 writes, not 02's coordinates;
        control  02's order-free control question about the same videos, in words;
        t3       stage 01's records from the world's captions, as run_all.sh makes them;
-  3. 03_train_t3.py trains one adapter on each, with the same settings (4-bit QLoRA by default);
+  3. 03_train_t3.py trains one adapter on each, with the same settings (4-bit QLoRA by default).
+     A fifth of each adapter's records are order-free questions about --mix-videos fresh
+     toy videos (which objects appear, what shape), as T3 mixes in the model's own video instruction
+     data so that training on text does not cost it sight;
   4. 06_eval.py scores the base model and every adapter on the two video benchmarks and on the
      words questions about 02's *test* videos (which shows whether the text skill was learned),
      each adapter against the base model on the same items, with 95% intervals. It also scores
@@ -19,10 +25,10 @@ The toy world's check of the T3 finding, run with the stages as they ship:
      red circle on the left", the words it was pretrained on, not 02's coordinates): a skill that
      does not survive other words cannot be expected to survive pictures.
 
-Transfer shows as a gain on probe_bench for `words` (and `t3`) whose interval excludes 0, with
+Transfer shows as a gain on probe_bench for `words`, `caption_words` (and `t3`) whose interval excludes 0, with
 none for `control`. Every stage's output stays in --work-dir when one is given.
 
-Usage: python bench/bench_toy_transfer.py [--sets words,control,t3] [--steps 400] [--num-videos 150]
+Usage: python bench/bench_toy_transfer.py [--sets words,caption_words,control,t3] [--steps 400] [--num-videos 150]
 """
 import argparse
 import json
@@ -32,9 +38,11 @@ import sys
 import tempfile
 import time
 
+import numpy as np
+
 from stages import REPO, load_stage, machine
 
-SETS = ("words", "control", "t3")
+SETS = ("words", "caption_words", "control", "t3")
 NUM_FRAMES = 8  # frames per video, as run_all.sh's stages take them
 
 
@@ -47,12 +55,16 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=400, help="03's optimizer steps for each adapter")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--mix-videos", type=int, default=300, help="mix order-free questions about this many toy videos into "
+                   "every adapter's training, a fifth of its records (0: text only)")
     p.add_argument("--no-4bit", action="store_true", help="train and score the model unquantized")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", help="keep every stage's output here (default: a temporary folder)")
     args = p.parse_args(argv)
     args.sets = [s for s in args.sets.split(",") if s]
     unknown = [s for s in args.sets if s not in SETS]
+    if args.mix_videos < 0:
+        p.error(f"--mix-videos must be 0 (text only) or more, not {args.mix_videos}")
     if unknown or not args.sets:
         p.error(f"--sets takes some of {', '.join(SETS)}, not {','.join(unknown) or 'nothing'}")
     return args
@@ -96,6 +108,24 @@ def in_caption_words(probe, pretrain, probe_videos, num_videos, seed):
     return reworded
 
 
+def video_instructions(probe, pretrain, out_dir, count, seed):
+    """Order-free questions about `count` fresh toy videos, of the kinds the toy was pretrained on, as
+    conversation records with their mp4s under out_dir: the video instruction data T3 mixes in."""
+    rng = np.random.default_rng([seed, 7])
+    os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
+    records = []
+    for i in range(count):
+        states, shape, background = pretrain.random_scene(rng)
+        question, options, answer = pretrain.order_free_question(rng, states, shape)
+        relative = os.path.join("videos", f"mix-{i:05d}.mp4")
+        probe.write_video(os.path.join(out_dir, relative), probe.render(states, shape, background))
+        records.append({"id": f"mix-{i:05d}", "video": relative, "conversations": [
+            {"from": "human", "value": "<video>\n" + probe.choice_prompt(question, options)},
+            {"from": "gpt", "value": probe.LETTERS[answer]}]})
+    write_jsonl(os.path.join(out_dir, "mix.jsonl"), records)
+    return os.path.join(out_dir, "mix.jsonl")
+
+
 def write_jsonl(path, records):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -115,11 +145,16 @@ def main(argv=None):
         write_jsonl(f"{work}/words_test.jsonl", words_records(probe, probe_videos, "test", control=False))
         pretrain = load_stage(os.path.join("toy_world", "pretrain.py"))
         reworded = in_caption_words(probe, pretrain, probe_videos, args.num_videos, args.seed)
+        train["caption_words"] = words_records(probe, reworded, "train", control=False)
         write_jsonl(f"{work}/caption_words_test.jsonl", words_records(probe, reworded, "test", control=False))
         if "t3" in args.sets:
             seconds["01"] = stage(work, "01", "01_synthesize.py", "--out", f"{work}/01", "--captions",
                                   os.path.join(args.model, "captions.jsonl"), "--num-train", args.steps * args.batch_size,
                                   "--num-val", 200, "--scales", "1x", "2x", "--seed", args.seed)
+        mix = []
+        if args.mix_videos:
+            mix = ["--mix", video_instructions(probe, pretrain, f"{work}/mix", args.mix_videos, args.seed),
+                   "--mix-ratio", 0.2, "--num-frames", NUM_FRAMES]
         adapters = []
         for name in args.sets:
             path = f"{work}/01/t3_train.jsonl" if name == "t3" else f"{work}/{name}_train.jsonl"
@@ -128,7 +163,7 @@ def main(argv=None):
             seconds[f"03 {name}"] = stage(work, f"03_{name}", "03_train_t3.py", "--model", args.model, "--train", path,
                                           "--out", f"{work}/03_{name}", "--max-steps", args.steps, "--batch-size",
                                           args.batch_size, "--grad-accum", 1, "--lr", args.lr, "--save-every", args.steps,
-                                          "--seed", args.seed, *quantized)
+                                          "--seed", args.seed, *mix, *quantized)
             adapters += ["--adapter", f"{name}={work}/03_{name}"]
         seconds["06"] = stage(work, "06", "06_eval.py", "--model", args.model, *adapters,
                               "--bench", f"{work}/02/probe_bench.jsonl", "--bench", f"{work}/02/probe_control_bench.jsonl",
@@ -136,7 +171,8 @@ def main(argv=None):
                               "--bench", f"caption_words_test={work}/caption_words_test.jsonl",
                               "--num-frames", NUM_FRAMES, "--out", f"{work}/06", *quantized)
         print(f"{machine()}; model {args.model}; {len(train['words'])} words and {len(train['control'])} control training "
-              f"records; {args.steps} steps x {args.batch_size}, lr {args.lr}, {'unquantized' if args.no_4bit else '4-bit QLoRA'}")
+              f"records; {args.steps} steps x {args.batch_size}, lr {args.lr}, {'unquantized' if args.no_4bit else '4-bit QLoRA'}"
+              + (f", a fifth of them order-free questions about {args.mix_videos} toy videos" if args.mix_videos else ""))
         print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")
         results = open(f"{work}/06/results.md").read()
         print(results[:results.find("The prompt of")].strip())  # the tables; the prompts shown are 06's own checks

@@ -135,3 +135,27 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, 
         assert [line for line in lines if line.startswith("Frame ")] == [f"Frame {n}: {pretrain.caption(f, shape)}"
                                                                          for n, f in enumerate(shown, 1)]
         assert record["conversations"][0]["value"] != original["conversations"][0]["value"]
+
+
+def test_transfer_bench_mixes_in_order_free_questions_about_toy_videos(tmp_path, monkeypatch):
+    """--mix-videos: stage 03 must load the records with their videos, each video must decode to the
+    scene it was rendered from (the shown frames' colours), and the answer must be the right option of
+    an order-free question about it."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    spec = importlib.util.spec_from_file_location("bench_toy_transfer", os.path.join(REPO, "bench", "bench_toy_transfer.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    probe, train, pretrain = bench.load_stage("02_probe.py"), bench.load_stage("03_train_t3.py"), load_pretrain()
+    path = bench.video_instructions(probe, pretrain, str(tmp_path / "mix"), 6, seed=3)
+    assert path == bench.video_instructions(probe, pretrain, str(tmp_path / "again"), 6, seed=3).replace("again", "mix")
+    assert open(path).read() == open(tmp_path / "again" / "mix.jsonl").read()  # seeded
+    records = train.load_records(path, need_video=True)
+    rng = np.random.default_rng([3, 7])
+    for record in records:
+        states, shape, background = pretrain.random_scene(rng)  # the same draws, in the same order
+        question, options, answer = pretrain.order_free_question(rng, states, shape)
+        assert record["conversations"][0]["value"] == "<video>\n" + probe.choice_prompt(question, options)
+        assert record["conversations"][1]["value"] == probe.LETTERS[answer]
+        frames = train.sample_frames(record["video"], 8).astype(float)
+        rendered = probe.render(pretrain.shown(states), shape, background).astype(float)
+        assert frames.shape == rendered.shape and np.abs(frames - rendered).mean() < 4  # lossy H.264, same pictures
