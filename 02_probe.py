@@ -96,16 +96,30 @@ def appearing(objects_and_starts, frames, ends=None):
 
 
 def scene_order(colours_in_order, rng, frames):
-    """The objects appear one after another and stay; x slots are shuffled so place says nothing."""
+    """The objects appear one after another, each for a while; x slots are shuffled so place says nothing.
+    How long each stays is drawn alike for all, whatever its rank: were the first to stay to the end, it
+    would be in the most frames, and counting frames per colour, which needs no sense of order, would
+    name it."""
     n = len(colours_in_order)
     slots = rng.permutation(np.linspace(0.2, 0.8, n))
-    starts = [int(rng.integers(k * frames // (n + 1), k * frames // (n + 1) + frames // (2 * n + 2) + 1)) for k in range(n)]
-    return appearing([(still(c, float(x), float(rng.uniform(0.3, 0.7))), s) for c, x, s in zip(colours_in_order, slots, starts)], frames)
+    jitter = frames // (2 * n + 2)
+    starts = [int(rng.integers(k * frames // (n + 1), k * frames // (n + 1) + jitter + 1)) for k in range(n)]
+    longest = frames - ((n - 1) * frames // (n + 1) + jitter)  # the last start still fits it
+    ends = [s + int(rng.integers(frames // 4, longest + 1)) for s in starts]
+    return appearing([(still(c, float(x), float(rng.uniform(0.3, 0.7))), s) for c, x, s in zip(colours_in_order, slots, starts)],
+                     frames, ends)
 
 
 def scene_thirds(colours_by_third, rng, frames):
-    """One object (or none) per third of the video, each present only during its third."""
-    bounds = [k * frames // 3 for k in range(4)]
+    """One object (or none) per part of the video, each present only during its part: beginning,
+    middle and end, each a quarter to seven sixteenths of it. The three lengths are drawn alike, in
+    random order, so how many frames an object is in does not tell its part (with equal thirds and
+    8 frames sampled, the first third holds 2 and the others 3, and counting would name the
+    beginning's object); each part still holds its third's middle frame."""
+    lowest, highest = frames // 4, 7 * frames // 16
+    splits = [(a, b) for a in range(lowest, highest + 1) for b in range(lowest, highest + 1) if lowest <= frames - a - b <= highest]
+    first, second = splits[int(rng.integers(len(splits)))]
+    bounds = [0, first, first + second, frames]
     shown = [(still(c, float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.25, 0.75))), bounds[k])
              for k, c in enumerate(colours_by_third) if c]
     ends = [bounds[k + 1] for k, c in enumerate(colours_by_third) if c]

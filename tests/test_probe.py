@@ -1,4 +1,5 @@
 """Stage 02: the renderer's ground truth, descriptions, probes, reports, shards, both architectures."""
+import collections
 import json
 import os
 import subprocess
@@ -81,6 +82,47 @@ def test_decoded_videos_show_what_the_labels_say(split, tmp_path):
             assert (brighter, darker) == ((True, False) if label == 0 else (False, True))
         checked.add(aspect)
     assert checked == set(probe.ASPECTS)
+
+
+def frame_counts(plan, num_frames):
+    """How many of the sampled frames each colour is in."""
+    states, _, _ = probe.build_scene(plan)
+    return collections.Counter(o["colour"] for t in probe.uniform_indices(len(states), num_frames) for o in states[t]["objects"])
+
+
+def test_counting_frames_does_not_tell_the_order():
+    """The order questions need order: naming the colour seen in the most sampled frames (ties split)
+    picks the first object no more often than chance, so a model that only counts cannot pass them."""
+    for aspect, chance in (("order_of_two", 1 / 2), ("order_of_three", 1 / 3)):
+        picked = 0.0
+        plans = probe.plan_videos([aspect], 300, seed=0)
+        for plan in plans:
+            counts = frame_counts(plan, 8)
+            states, _, _ = probe.build_scene(plan)
+            first = next(o["colour"] for t in probe.uniform_indices(len(states), 8) for o in states[t]["objects"])
+            most = [c for c in counts if counts[c] == max(counts.values())]
+            picked += (first in most) / len(most)
+        assert abs(picked / len(plans) - chance) < 0.06, aspect
+
+
+@pytest.mark.parametrize("num_frames", [8, 16])
+def test_counting_frames_does_not_tell_the_part_of_the_video(num_frames):
+    """Which object is at the beginning, middle or end, and when the red one appears, need order too:
+    the best rule that sees only how many frames each colour is in (fitted on the answers themselves)
+    does little better than picking one of the objects in the video, or one of the three parts."""
+    colours = list(probe.COLOURS)
+    for aspect in ("referring_beginning", "referring_middle", "referring_end", "grounding"):
+        by_counts = collections.defaultdict(lambda: collections.defaultdict(float))
+        plans = probe.plan_videos([aspect], 600, seed=0)
+        for plan in plans:
+            counts = frame_counts(plan, num_frames)
+            if aspect == "grounding":
+                by_counts[counts["red"]][plan["label"]] += 1
+            else:  # a counter can only pick a count, then one of the objects with it
+                answer = counts[colours[plan["label"]]]
+                by_counts[tuple(sorted(counts.values()))][answer] += 1 / sum(v == answer for v in counts.values())
+        best = sum(max(guesses.values()) for guesses in by_counts.values()) / len(plans)
+        assert best < 1 / 3 + 0.1, (aspect, best)  # equal thirds: 1.0 for the beginning at 8 frames
 
 
 def test_descriptions_name_what_the_sampled_frames_show(tmp_path):

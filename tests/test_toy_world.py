@@ -60,7 +60,8 @@ def test_pretraining_is_seeded_and_writes_a_model_every_stage_loads(tmp_path, ar
         video = pretrain.PROBE.render(pretrain.shown(states), shape, background)
         assert pretrain.PROBE.video_tokens(model, processor, [video], model.device).shape[:3] == (1, pretrain.NUM_FRAMES, 16)
     settings = json.load(open(tmp_path / "a" / "pretrain.json"))
-    assert settings["steps"] == [2, 1, 2] and settings["seed"] == 0 and settings["arch"] == arch
+    assert settings["steps"] == [2, 1, 2] and settings["seed"] == pretrain.parse_args(["x"]).seed and settings["arch"] == arch
+    assert 0 <= settings["sight_check"] <= 1
     # its captions are stage 01's input as they ship
     result = run_in_process("01_synthesize.py", "--out", tmp_path / "01", "--captions", tmp_path / "a" / "captions.jsonl",
                             "--num-train", 40, "--num-val", 8, "--scales", "1x", "--workers", 1)
@@ -75,6 +76,7 @@ def test_shipped_toy_model_is_small_and_made_by_the_script():
     pretrain = load_pretrain()
     defaults = vars(pretrain.parse_args(["x"]))
     assert {k: settings[k] for k in defaults if k != "out_dir"} == {k: v for k, v in defaults.items() if k != "out_dir"}
+    assert settings["sight_check"] >= 0.8  # it names the object in stage 02's control videos it had not seen
     captions = [json.loads(line)["caption"] for line in open(os.path.join(TOY_MODEL, "captions.jsonl"))]
     assert captions == pretrain.world_captions()
 

@@ -20,7 +20,12 @@ encodings far above chance, its answers near chance), and stages 01 + 03 (T3) th
 from text alone. It also writes captions.jsonl: the world's single-frame captions, which stage
 01 strings together into text temporal tasks.
 
-Usage: python toy_world/pretrain.py OUT_DIR [--seed 0] [--arch qwen2_vl] [--hidden 128] [--layers 4] [--steps 300,500,1800]
+At the end it checks that the model sees: it asks stage 02's order-free control question ("Which
+object is in the video?") about 100 new videos, prints the share it gets right and records it in
+pretrain.json. The recipe is not robust to every seed: with seed 1 (the default, the shipped model)
+it is 98%; with seed 0 only 65%, and stage 02's control then finds the model half blind.
+
+Usage: python toy_world/pretrain.py OUT_DIR [--seed 1] [--arch qwen2_vl] [--hidden 128] [--layers 4] [--steps 300,500,1800]
 """
 import argparse
 import importlib.util
@@ -59,7 +64,7 @@ BACKGROUNDS = [b for split in ("train", "test") for b in PROBE.BACKGROUNDS[split
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=1, help="1 made the shipped model; the same recipe with 0 makes one that sees poorly (65%% on the sight check)")
     p.add_argument("--arch", default="qwen2_vl", choices=("qwen2_vl", "llava_onevision"),
                    help="qwen2_vl (the shipped model): M-RoPE, a video's 4 units of 2 frames 1 position apart on "
                         "its time axis; llava_onevision: each frame's 16 tokens after the last, in the text's own 1D positions")
@@ -297,6 +302,23 @@ def train_phase(model, encoder, kinds, steps, args, trainable, name, seed):
     model.eval()
 
 
+@torch.no_grad()
+def sight_check(model, processor, seed, count=100):
+    """Share of `count` new videos of stage 02's order-free control ("Which object is in the video?",
+    one object throughout) that the model answers right (its letter's log-probability highest): one
+    that has learned to see is near 100%, one that has not near chance (25%)."""
+    question, options, build = PROBE.ASPECTS["appearance"]
+    rng = np.random.default_rng([seed, 99])
+    right = 0
+    for _ in tqdm(range(count), desc="sight check", unit="video", mininterval=2):
+        label = int(rng.integers(len(options)))
+        states, shape = build(label, rng, PROBE.RENDERED_FRAMES), str(rng.choice(SHAPES))
+        frames = PROBE.render(shown(states), shape, BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))])
+        scores = PROBE.choice_logprobs(model, processor, [(frames, PROBE.choice_prompt(question, options))], [options], model.device)[0]
+        right += int(np.argmax(scores) == label)
+    return right / count
+
+
 def build_model(args):
     corpus = TINY.synthesize_corpus(seed=args.seed)
     rng = np.random.default_rng(args.seed)
@@ -333,6 +355,7 @@ def main(argv=None):
                 [model.model.language_model, model.lm_head], "2 language", args.seed + 1)
     train_phase(model, encoder, [caption_example, video_question_example, text_question_example, video_question_example,
                                  description_example], args.steps[2], args, [model], "3 instruct", args.seed + 2)
+    sight = sight_check(model, processor, args.seed)
 
     def write(tmp):
         model.save_pretrained(tmp)
@@ -341,9 +364,12 @@ def main(argv=None):
             for i, c in enumerate(world_captions()):
                 f.write(json.dumps({"id": f"toy-{i:04d}", "caption": c}) + "\n")
         with open(os.path.join(tmp, "pretrain.json"), "w") as f:
-            json.dump({k: v for k, v in vars(args).items() if k != "out_dir"} | {"seconds": round(time.time() - start)}, f, indent=1)
+            json.dump({k: v for k, v in vars(args).items() if k != "out_dir"}
+                      | {"seconds": round(time.time() - start), "sight_check": sight}, f, indent=1)
     TINY.write_atomically(args.out_dir, write)
-    print(f"wrote the toy-world model to {args.out_dir} in {time.time() - start:.0f} s")
+    print(f"wrote the toy-world model to {args.out_dir} in {time.time() - start:.0f} s; it names the object in {sight:.0%} "
+          "of 100 new videos of stage 02's control" + ("" if sight >= 0.8 else
+          " (under 80%: it has not learned to see well; another --seed or more --steps may)"))
 
 
 if __name__ == "__main__":
