@@ -122,8 +122,9 @@ def video_instructions(probe, pretrain, out_dir, count, seed):
         records.append({"id": f"mix-{i:05d}", "video": relative, "conversations": [
             {"from": "human", "value": "<video>\n" + probe.choice_prompt(question, options)},
             {"from": "gpt", "value": probe.LETTERS[answer]}]})
-    write_jsonl(os.path.join(out_dir, "mix.jsonl"), records)
-    return os.path.join(out_dir, "mix.jsonl")
+    path = os.path.join(out_dir, "mix.jsonl")
+    write_jsonl(path, records)
+    return path
 
 
 def write_jsonl(path, records):

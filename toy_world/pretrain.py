@@ -44,6 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FRAME_SIDE = 112  # pixels a frame is scaled to: 8 x 8 patches, 16 visual tokens per pair of frames
 NUM_FRAMES = 8  # frames a video example shows, as run_all.sh's stages do
 SIDES = ((0.4, "on the left"), (0.6, "in the middle"), (1.01, "on the right"))
+SIGHT_CHECK_VIDEOS = 100  # new control videos the finished model is asked about
 HEADER = "The following describes a video, one frame per line, in the order the frames appear."
 
 
@@ -303,7 +304,7 @@ def train_phase(model, encoder, kinds, steps, args, trainable, name, seed):
 
 
 @torch.no_grad()
-def sight_check(model, processor, seed, count=100):
+def sight_check(model, processor, seed, count=SIGHT_CHECK_VIDEOS):
     """Share of `count` new videos of stage 02's order-free control ("Which object is in the video?",
     one object throughout) that the model answers right (its letter's log-probability highest): one
     that has learned to see is near 100%, one that has not near chance (25%)."""
@@ -368,7 +369,7 @@ def main(argv=None):
                       | {"seconds": round(time.time() - start), "sight_check": sight}, f, indent=1)
     TINY.write_atomically(args.out_dir, write)
     print(f"wrote the toy-world model to {args.out_dir} in {time.time() - start:.0f} s; it names the object in {sight:.0%} "
-          "of 100 new videos of stage 02's control" + ("" if sight >= 0.8 else
+          f"of {SIGHT_CHECK_VIDEOS} new videos of stage 02's control" + ("" if sight >= 0.8 else
           " (under 80%: it has not learned to see well; another --seed or more --steps may)"))
 
 
