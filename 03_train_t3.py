@@ -177,6 +177,16 @@ def split_options(record):
 
 
 @torch.no_grad()
+def forget_video_positions(model):
+    """M-RoPE models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) keep the position offset of the last forward pass
+    that had a video (`rope_deltas`) and add it to every later pass over a cache, even one whose
+    prompt has none: after a training batch with --mix videos, a text prompt's options would be scored
+    at the wrong positions (or fail on the batch size). A text prompt needs no offset."""
+    for module in model.modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
+
+
 def option_logprobs(model, processor, prompt, options, device):
     """Mean log-probability per token of each option text after the prompt. The prompt runs once; its
     key/value cache, repeated, serves the options, which run as one right-padded batch."""
@@ -186,6 +196,7 @@ def option_logprobs(model, processor, prompt, options, device):
     shared = next(i for i, label in enumerate(examples[0]["labels"]) if label != -100)
     if any(e["input_ids"][:shared] != examples[0]["input_ids"][:shared] for e in examples):
         raise ValueError("the options do not share the prompt's tokens")
+    forget_video_positions(model)
     prefix = model(input_ids=torch.tensor([examples[0]["input_ids"][:shared]], device=device), use_cache=True)
     answers = [e["input_ids"][shared:] for e in examples]
     width = max(len(a) for a in answers)

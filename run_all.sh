@@ -11,8 +11,10 @@
 #   NUM_TRAIN   T3 training records (default: 2000)
 #   NUM_VAL     T3 validation records (default: 200)
 #   SCALES      T3 event-count scales (default: "1x 2x")
-#   STEPS       optimizer steps for each training stage (default: 60)
-#   BATCH       records per micro-batch (default: 8)
+#   STEPS       optimizer steps for each training stage (default: 200 with the toy model, else 60)
+#   BATCH       records per micro-batch (default: 16 with the toy model, else 8)
+#   MIX         video instruction records (JSONL) stage 03 mixes into the text, a fifth of each batch
+#               (default: 300 order-free questions about new toy videos with the toy model, else none)
 #   VIDEOS      videos for TPO pairs: a folder or JSONL (default: stage 02's training videos with the toy model,
 #               else sample videos written into $OUT/videos)
 #   NUM_PAIRS   TPO preference pairs to keep (default: 24)
@@ -32,8 +34,6 @@ SEED=${SEED:-0}
 NUM_TRAIN=${NUM_TRAIN:-2000}
 NUM_VAL=${NUM_VAL:-200}
 SCALES=${SCALES:-"1x 2x"}
-STEPS=${STEPS:-60}
-BATCH=${BATCH:-8}
 mkdir -p "$OUT"
 
 if [ -z "${MODEL:-}" ]; then
@@ -45,7 +45,18 @@ if [ -z "${MODEL:-}" ]; then
   TEMPERATURE=${TEMPERATURE:-1.0}
   # and it was never taught to judge answers
   JUDGE=${JUDGE:-0}
+  # enough text for its adapter to learn from, with its own kind of video questions mixed in (as T3 mixes
+  # in video instruction data): without them, training on text alone costs it its sight
+  STEPS=${STEPS:-200}
+  BATCH=${BATCH:-16}
+  if [ -z "${MIX:-}" ]; then
+    MIX="$OUT/mix/mix.jsonl"
+    [ -f "$MIX" ] || python -c 'import importlib.util as u, sys; s = u.spec_from_file_location("pretrain", "toy_world/pretrain.py")
+m = u.module_from_spec(s); s.loader.exec_module(m); m.write_video_instructions(sys.argv[1], 300, int(sys.argv[2]))' "$OUT/mix" "$SEED"
+  fi
 fi
+STEPS=${STEPS:-60}
+BATCH=${BATCH:-8}
 TEMPERATURE=${TEMPERATURE:-0}
 JUDGE=${JUDGE:-1}
 NUM_PAIRS=${NUM_PAIRS:-24}
@@ -101,7 +112,8 @@ fi
 echo "== 03 QLoRA fine-tuning on T3 text tasks -> $OUT/03"
 rm -rf "$OUT/03"  # a rerun starts over (the stage itself refuses to overwrite a run without --resume)
 python 03_train_t3.py --model "$MODEL" --train "$OUT/01/t3_train.jsonl" --val "$OUT/01/t3_val.jsonl" \
-  --out "$OUT/03" --max-steps "$STEPS" --batch-size "$BATCH" --grad-accum 1 --lr 2e-3 --val-limit 100 --seed "$SEED"
+  --out "$OUT/03" --max-steps "$STEPS" --batch-size "$BATCH" --grad-accum 1 --lr 2e-3 --val-limit 100 --seed "$SEED" \
+  ${MIX:+--mix "$MIX" --mix-ratio 0.2 --num-frames "$NUM_FRAMES"}
 python - "$OUT/03/train_log.jsonl" <<'PY'
 import json, sys
 log = [json.loads(line) for line in open(sys.argv[1])]

@@ -12,6 +12,9 @@ The toy world's check of the T3 finding, run with the stages as they ship:
        caption_words  the same questions about the same videos, each frame in the toy world's own caption
                 words ("Frame 2: a large red circle on the left"), which it was pretrained on and
                 stage 01 writes, not 02's coordinates;
+       stamped  the same, each line starting with the frame's time as Qwen3-VL writes it before the
+                frame's visual tokens ("<0.8 seconds> a large red circle on the left"): the markers
+                the toy model meets in a video;
        control  02's order-free control question about the same videos, in words;
        t3       stage 01's records from the world's captions, as run_all.sh makes them;
   3. 03_train_t3.py trains one adapter on each, with the same settings (4-bit QLoRA by default).
@@ -22,13 +25,13 @@ The toy world's check of the T3 finding, run with the stages as they ship:
      words questions about 02's *test* videos (which shows whether the text skill was learned),
      each adapter against the base model on the same items, with 95% intervals. It also scores
      them on those questions with the frames in the toy world's caption words ("Frame 2: a large
-     red circle on the left", the words it was pretrained on, not 02's coordinates): a skill that
-     does not survive other words cannot be expected to survive pictures.
+     red circle on the left", the words it was pretrained on, not 02's coordinates) and stamped: a
+     skill that does not survive other words cannot be expected to survive pictures.
 
-Transfer shows as a gain on probe_bench for `words`, `caption_words` (and `t3`) whose interval excludes 0, with
-none for `control`. Every stage's output stays in --work-dir when one is given.
+Transfer shows as a gain on probe_bench for `words`, `caption_words`, `stamped` (and `t3`) whose interval
+excludes 0, with none for `control`. Every stage's output stays in --work-dir when one is given.
 
-Usage: python bench/bench_toy_transfer.py [--sets words,caption_words,control,t3] [--steps 400] [--num-videos 150]
+Usage: python bench/bench_toy_transfer.py [--sets words,caption_words,stamped,control,t3] [--steps 400] [--num-videos 150]
 """
 import argparse
 import json
@@ -38,11 +41,10 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 
 from stages import REPO, load_stage, machine
 
-SETS = ("words", "caption_words", "control", "t3")
+SETS = ("words", "caption_words", "stamped", "control", "t3")
 NUM_FRAMES = 8  # frames per video, as run_all.sh's stages take them
 
 
@@ -96,35 +98,17 @@ def words_records(probe, probe_videos, split, control):
     return records
 
 
-def in_caption_words(probe, pretrain, probe_videos, num_videos, seed):
-    """02's videos with their frames described in the toy world's caption words instead of 02's
-    coordinates: the same questions and answers, in other words. Scenes are rebuilt from 02's plans."""
+def reworded(probe, lines, probe_videos, num_videos, seed):
+    """02's videos with their frames described by `lines` (the toy world's frame_lines or stamped_lines:
+    its caption words) instead of 02's coordinates: the same questions and answers, in other words.
+    Scenes are rebuilt from 02's plans."""
     plans = {p["id"]: p for p in probe.plan_videos(sorted({v["aspect"] for v in probe_videos}), num_videos, seed)}
-    reworded = []
+    out = []
     for video in probe_videos:
         states, shape, _ = probe.build_scene(plans[video["id"]])
         frames = [states[t] for t in probe.uniform_indices(len(states), NUM_FRAMES)]
-        reworded.append({**video, "description": pretrain.frame_lines(frames, shape)})
-    return reworded
-
-
-def video_instructions(probe, pretrain, out_dir, count, seed):
-    """Order-free questions about `count` fresh toy videos, of the kinds the toy was pretrained on, as
-    conversation records with their mp4s under out_dir: the video instruction data T3 mixes in."""
-    rng = np.random.default_rng([seed, 7])
-    os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
-    records = []
-    for i in range(count):
-        states, shape, background = pretrain.random_scene(rng)
-        question, options, answer = pretrain.order_free_question(rng, states, shape)
-        relative = os.path.join("videos", f"mix-{i:05d}.mp4")
-        probe.write_video(os.path.join(out_dir, relative), probe.render(states, shape, background))
-        records.append({"id": f"mix-{i:05d}", "video": relative, "conversations": [
-            {"from": "human", "value": "<video>\n" + probe.choice_prompt(question, options)},
-            {"from": "gpt", "value": probe.LETTERS[answer]}]})
-    path = os.path.join(out_dir, "mix.jsonl")
-    write_jsonl(path, records)
-    return path
+        out.append({**video, "description": lines(frames, shape)})
+    return out
 
 
 def write_jsonl(path, records):
@@ -145,16 +129,17 @@ def main(argv=None):
                  "control": words_records(probe, probe_videos, "train", control=True)}
         write_jsonl(f"{work}/words_test.jsonl", words_records(probe, probe_videos, "test", control=False))
         pretrain = load_stage(os.path.join("toy_world", "pretrain.py"))
-        reworded = in_caption_words(probe, pretrain, probe_videos, args.num_videos, args.seed)
-        train["caption_words"] = words_records(probe, reworded, "train", control=False)
-        write_jsonl(f"{work}/caption_words_test.jsonl", words_records(probe, reworded, "test", control=False))
+        for name, lines in (("caption_words", pretrain.frame_lines), ("stamped", pretrain.stamped_lines)):
+            told = reworded(probe, lines, probe_videos, args.num_videos, args.seed)
+            train[name] = words_records(probe, told, "train", control=False)
+            write_jsonl(f"{work}/{name}_test.jsonl", words_records(probe, told, "test", control=False))
         if "t3" in args.sets:
             seconds["01"] = stage(work, "01", "01_synthesize.py", "--out", f"{work}/01", "--captions",
                                   os.path.join(args.model, "captions.jsonl"), "--num-train", args.steps * args.batch_size,
                                   "--num-val", 200, "--scales", "1x", "2x", "--seed", args.seed)
         mix = []
         if args.mix_videos:
-            mix = ["--mix", video_instructions(probe, pretrain, f"{work}/mix", args.mix_videos, args.seed),
+            mix = ["--mix", pretrain.write_video_instructions(f"{work}/mix", args.mix_videos, args.seed),
                    "--mix-ratio", 0.2, "--num-frames", NUM_FRAMES]
         adapters = []
         for name in args.sets:
@@ -170,6 +155,7 @@ def main(argv=None):
                               "--bench", f"{work}/02/probe_bench.jsonl", "--bench", f"{work}/02/probe_control_bench.jsonl",
                               "--bench", f"words_test={work}/words_test.jsonl",
                               "--bench", f"caption_words_test={work}/caption_words_test.jsonl",
+                              "--bench", f"stamped_test={work}/stamped_test.jsonl",
                               "--num-frames", NUM_FRAMES, "--out", f"{work}/06", *quantized)
         print(f"{machine()}; model {args.model}; {len(train['words'])} words and {len(train['control'])} control training "
               f"records; {args.steps} steps x {args.batch_size}, lr {args.lr}, {'unquantized' if args.no_4bit else '4-bit QLoRA'}"

@@ -334,9 +334,11 @@ def test_mixed_videos_are_decoded_per_batch_not_kept(tiny_models, tmp_path):
 
 
 @pytest.mark.parametrize("arch", MODELS)
-def test_option_scores_from_one_prompt_pass_equal_separate_sequences(tiny_models, arch):
+def test_option_scores_from_one_prompt_pass_equal_separate_sequences(tiny_models, arch, video_sft):
     """Validation runs the prompt once and shares its cache with the options: the scores equal those of
-    each option as its own sequence (options of different lengths, right-padded)."""
+    each option as its own sequence (options of different lengths, right-padded), also right after a
+    forward pass over a batch with videos (as training with --mix leaves the model: M-RoPE models
+    keep that batch's position offsets)."""
     model, processor = t3.load_model(tiny_models[arch], four_bit=False, device=torch.device("cpu"))
     model.eval()
     prompt, options = "First a dog barks, then a cat runs. Which came last?", ["the cat runs", "a dog", "nothing at all happens"]
@@ -351,3 +353,9 @@ def test_option_scores_from_one_prompt_pass_equal_separate_sequences(tiny_models
         picked = logprobs[labels != -100].gather(-1, labels[labels != -100].unsqueeze(-1))
         separate.append(float(picked.mean()))
     assert shared == pytest.approx(separate, abs=1e-4)
+    turns = [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yes"}]
+    with_video = t3.encode(processor, t3.chat_messages(turns, True), t3.sample_frames(str(video_sft / "clip0.mp4"), 4))
+    batch = t3.collate([with_video] * 3, processor.tokenizer.pad_token_id)
+    with torch.no_grad():
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    assert t3.option_logprobs(model, processor, prompt, options, torch.device("cpu")) == pytest.approx(separate, abs=1e-4)

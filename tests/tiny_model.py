@@ -117,6 +117,35 @@ def build_qwen2_vl(tokenizer, template, hidden, layers):
     return Qwen2VLForConditionalGeneration(config), processor
 
 
+def build_qwen3_vl(tokenizer, template, hidden, layers, side=64, patch=16, vision_depth=2, vision_width=32):
+    """A Qwen3-VL whose every frame is its own temporal unit (temporal patch 1), so that each gets its
+    own "<t seconds>" timestamp in the text; images of `side` pixels, and videos kept at their own
+    size, in patches of `patch` pixels merged 2 x 2."""
+    from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor, Qwen3VLVideoProcessor)
+    image_size = {"shortest_edge": side * side, "longest_edge": side * side}
+    video_size = {"shortest_edge": (2 * patch) ** 2, "longest_edge": 256 * side * side}  # up to 256 frames unscaled
+    patches = dict(patch_size=patch, merge_size=2, temporal_patch_size=1)
+    processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(size=image_size, **patches), tokenizer=tokenizer,
+                                 video_processor=Qwen3VLVideoProcessor(size=video_size, cap_pixels_per_frame=True, **patches),
+                                 chat_template=template)
+    head_dim = hidden // max(2, hidden // 16)
+    half = head_dim // 2  # rotary frequencies, interleaved over (time, height, width)
+    space = half * 5 // 16
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen3VLConfig(
+        text_config=text_config(tokenizer, hidden, layers, head_dim=head_dim, rope_parameters={
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * space, space, space],
+            "mrope_interleaved": True}),
+        vision_config=dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=2 * vision_width,
+                           num_heads=max(2, vision_width // 16), patch_size=patch, spatial_merge_size=2, temporal_patch_size=1,
+                           out_hidden_size=hidden, num_position_embeddings=(side // patch) ** 2,
+                           deepstack_visual_indexes=[]),
+        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"))
+    return Qwen3VLForConditionalGeneration(config), processor
+
+
 def build_llava_onevision(tokenizer, template, hidden, layers, side=32, patch=8):
     """Frames and images of side x side pixels in patch x patch patches (a video frame's are pooled 2 x 2)."""
     from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
