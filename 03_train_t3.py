@@ -176,7 +176,6 @@ def split_options(record):
     return prompt, texts, "ABCDEFGH".index(record["answer"])
 
 
-@torch.no_grad()
 def forget_video_positions(model):
     """M-RoPE models (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) keep the position offset of the last forward pass
     that had a video (`rope_deltas`) and add it to every later pass over a cache, even one whose
@@ -187,6 +186,7 @@ def forget_video_positions(model):
             module.rope_deltas = None
 
 
+@torch.no_grad()
 def option_logprobs(model, processor, prompt, options, device):
     """Mean log-probability per token of each option text after the prompt. The prompt runs once; its
     key/value cache, repeated, serves the options, which run as one right-padded batch."""
