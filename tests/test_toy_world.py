@@ -3,6 +3,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -69,7 +70,6 @@ def test_stamped_lines_carry_the_times_qwen3_vl_writes_before_each_frame(tmp_pat
     """A description's stamped lines start with the very text Qwen3-VL's processor writes before each
     frame of the same video as stage 02 writes and samples it (8 fps, 8 of 32 frames), so a skill
     learned on those lines meets the same markers in a video."""
-    import re
     pretrain = load_pretrain()
     tokenizer, template = pretrain.TINY.train_tokenizer("qwen2_vl", pretrain.TINY.synthesize_corpus(num_records=50), 400)
     _, processor = pretrain.TINY.build_qwen3_vl(tokenizer, template, 32, 1, side=pretrain.PROBE.FRAME_SIDE, patch=8)

@@ -313,28 +313,17 @@ def train_vision(model, processor, steps, args, seed):
     embeddings = model.get_input_embeddings().weight.detach()
     scale = embeddings.pow(2).sum(1).mean()  # loss 1: as far off as a word embedding is from 0
     filler = processor.tokenizer.convert_tokens_to_ids(".")
-    params = [p for m in vision_modules(model) for p in m.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     rng = np.random.default_rng(seed)
-    bar = tqdm(range(steps), desc="2 vision", unit="step", mininterval=2)
-    for _ in bar:
-        scenes = [random_scene(rng) for _ in range(args.batch_size)]
-        videos = [clip(PROBE.render(shown(states), shape, background)) for states, shape, background in scenes]
+
+    def loss(_):
+        scenes = [(shown(states), shape, background) for states, shape, background in
+                  (random_scene(rng) for _ in range(args.batch_size))]
+        videos = [clip(PROBE.render(frames, shape, background)) for frames, shape, background in scenes]
         tokens = PROBE.video_tokens(model, processor, videos, model.device)  # [videos, frames, tokens, width]
-        targets = torch.tensor([[caption_ids(processor.tokenizer, f, shape, tokens.shape[2], filler) for f in shown(states)]
-                                for states, shape, _ in scenes])
-        loss = (tokens - embeddings[targets]).pow(2).sum(-1).mean() / scale
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        targets = torch.tensor([[caption_ids(processor.tokenizer, f, shape, tokens.shape[2], filler) for f in frames]
+                                for frames, shape, _ in scenes])
+        return (tokens - embeddings[targets]).pow(2).sum(-1).mean() / scale
+    optimize(train_only(model, vision_modules(model)), steps, args, loss, "2 vision")
 
 
 def vision_modules(model):
@@ -349,27 +338,39 @@ def train_phase(model, encoder, kinds, steps, args, trainable, name, seed):
     """`steps` AdamW steps on fresh batches of examples, each batch one of `kinds` in turn."""
     if not steps:
         return
-    for p in model.parameters():
-        p.requires_grad_(False)
-    params = list({id(p): p for module in trainable for p in module.parameters()}.values())  # tied head once
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    params = train_only(model, trainable)
     rng = np.random.default_rng(seed)
     pad = model.config.text_config.pad_token_id if hasattr(model.config, "text_config") else model.config.pad_token_id
     model.train()
+    optimize(params, steps, args, lambda step: model(**collate([kinds[step % len(kinds)](encoder, rng)
+                                                                for _ in range(args.batch_size)], pad)).loss, name)
+    model.eval()
+
+
+def train_only(model, modules):
+    """Freeze the model but `modules`, and return their parameters, each once (a tied head is the embeddings)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = list({id(p): p for module in modules for p in module.parameters()}.values())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def optimize(params, steps, args, loss_at, name):
+    """`steps` AdamW steps on `params`, each on the loss `loss_at(step)` returns: 30 warm-up steps, then
+    a cosine decay; gradients clipped at norm 1."""
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1, (s + 1) / 30) * 0.5 * (1 + math.cos(math.pi * s / steps)))
     bar = tqdm(range(steps), desc=name, unit="step", mininterval=2)
     for step in bar:
-        make = kinds[step % len(kinds)]
-        loss = model(**collate([make(encoder, rng) for _ in range(args.batch_size)], pad)).loss
+        loss = loss_at(step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-    model.eval()
 
 
 @torch.no_grad()
