@@ -41,7 +41,6 @@ import sys
 import tempfile
 import time
 
-
 from stages import REPO, load_stage, machine
 
 SETS = ("words", "caption_words", "stamped", "control", "t3")
