@@ -13,6 +13,12 @@ Usage:
         [--negatives irrelevant,incomplete] [--shard i/n] [--resume]
     merge shards:  cat runs/04-shard-*/pairs.jsonl > runs/04-merged/pairs.jsonl
 
+A video list (JSONL) may give a whole-video question for the comprehensive pairs, and with it
+`options`: the question is then asked as multiple choice (lettered options, as stage 06 asks),
+and an answer that picks no option drops the attempt. Its `answer`, if given, is never used to
+make or keep a pair: stats.json audits the kept pairs against it (how often the chosen answer,
+and the rejected one, is right).
+
 Writes OUT/pairs.jsonl (appended as pairs are made), OUT/attempts.jsonl (every attempt
 and why it was dropped; --resume skips finished ones) and OUT/stats.json. Each pair's
 `video` is relative to OUT, so shard folders and the merged folder must be siblings.
@@ -23,6 +29,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -52,7 +59,7 @@ JUDGE_PREFERENCE = ("Question: {question}\n{context}Answer A: {first}\nAnswer B:
                     "Which answer is more accurate and more specific? Reply with A or B.")
 JUDGE_ANSWERABLE = ('Description of a video moment: "{caption}"\nQuestion: {question}\n'
                     "Can the question be answered from this description? Reply yes or no.")
-DROP_RULES = ["unreadable_video", "empty", "identical", "near_identical", "truncated", "judge_prefers_rejected",
+DROP_RULES = ["unreadable_video", "empty", "not_an_option", "identical", "near_identical", "truncated", "judge_prefers_rejected",
               "unanswerable", "surplus"]
 
 
@@ -62,6 +69,8 @@ class Video(TypedDict, total=False):
     path: str
     caption: str  # optional, from a JSONL list
     question: str  # optional: a whole-video question to ask instead of one the model writes
+    options: list  # optional, with a question: asked as multiple choice
+    answer: int  # optional, with options: the right option's index, only to audit the pairs
     frames: int
 
 
@@ -83,6 +92,7 @@ class Attempt(TypedDict, total=False):
     caption: str
     chosen: str
     rejected: str
+    choices: dict  # for a multiple-choice question: the option index each answer picks (None: no option)
     truncated: bool
     dropped_by: str  # the rule that dropped it, or None if kept
     judge_margin: float
@@ -93,7 +103,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder or hub id (AutoModelForImageTextToText)")
     p.add_argument("--adapter", help="a PEFT adapter to apply (e.g. the T3 adapter of stage 03)")
-    p.add_argument("--videos", required=True, help="a folder (searched recursively) or a JSONL of {id, video[, caption, question]}")
+    p.add_argument("--videos", required=True, help="a folder (searched recursively) or a JSONL of {id, video[, caption, "
+                   "question[, options[, answer]]]}: a question given is asked for the comprehensive pairs, as multiple "
+                   "choice if it has options; an answer only audits the pairs (stats.json)")
     p.add_argument("--out", required=True)
     p.add_argument("--num-pairs", type=int, default=1000, help="pairs to keep (in this shard)")
     p.add_argument("--ratio", default="5:5", help="localized:comprehensive pairs (default 5:5)")
@@ -132,7 +144,7 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- videos in
 
 def list_videos(source) -> list[Video]:
-    """[{id, path, caption?, question?}] from a folder (recursively) or a JSONL, sorted by id."""
+    """[{id, path, caption?, question?, options?, answer?}] from a folder (recursively) or a JSONL, sorted by id."""
     if os.path.isdir(source):
         videos = [{"id": os.path.relpath(os.path.join(root, name), source), "path": os.path.abspath(os.path.join(root, name))}
                   for root, _, files in os.walk(source) for name in files if name.lower().endswith(VIDEO_EXTENSIONS)]
@@ -145,7 +157,8 @@ def list_videos(source) -> list[Video]:
                 raise InputError(f"{source}:{number}: record needs 'id' and a 'video' path")
             path = os.path.join(os.path.dirname(os.path.abspath(source)), record["video"])
             videos.append({"id": str(record["id"]), "path": path,
-                           **{k: record[k] for k in ("caption", "question") if isinstance(record.get(k), str)}})
+                           **{k: record[k] for k in ("caption", "question") if isinstance(record.get(k), str)},
+                           **multiple_choice(record, f"{source}:{number}")})
         if not videos:
             raise InputError(f"{source}: no records")
     else:
@@ -154,6 +167,29 @@ def list_videos(source) -> list[Video]:
     if len(set(ids)) != len(ids):
         raise InputError(f"{source}: duplicate video ids")
     return sorted(videos, key=lambda v: v["id"])
+
+
+def multiple_choice(record, where):
+    """{options, answer?} of a video list record whose question has options; {} without options."""
+    options, answer = record.get("options"), record.get("answer")
+    if options is None:
+        if answer is not None:
+            raise InputError(f"{where}: 'answer' needs 'options'")
+        return {}
+    if not isinstance(record.get("question"), str) or not record["question"].strip():
+        raise InputError(f"{where}: 'options' need a 'question'")
+    if not (isinstance(options, list) and 2 <= len(options) <= len(LETTERS)
+            and all(isinstance(o, str) and o.strip() for o in options)):
+        raise InputError(f"{where}: 'options' must be a list of 2 to {len(LETTERS)} non-empty strings")
+    if answer is None:
+        return {"options": options}
+    letters = LETTERS[:len(options)]
+    if isinstance(answer, str) and answer.strip().upper() in letters and len(answer.strip()) == 1:
+        return {"options": options, "answer": letters.index(answer.strip().upper())}
+    if isinstance(answer, str) and answer in options:
+        return {"options": options, "answer": options.index(answer)}
+    raise InputError(f"{where}: 'answer' must be one of the letters {', '.join(letters)} or an option's text, "
+                     f"not {answer!r}")
 
 
 def usable_videos(videos, min_frames, show):
@@ -206,6 +242,8 @@ def plan_attempt(slot, video, kind, args, retry=0) -> Attempt:
         sparse = jittered_indices(total, args.sparse_frames, rng)
         fallback = rng.choice(WHOLE_VIDEO_QUESTIONS)
         given = video.get("question")
+        if given and video.get("options"):
+            given = choice_prompt(given, video["options"])
         attempt.update(negative="incomplete", question=given, fallback_question=fallback,
                        question_source="given" if given else None,
                        frames={"train": train, "chosen": train, "rejected": sparse})
@@ -353,9 +391,14 @@ def answer_and_filter(model, processor, attempts: list[Attempt], frames_of, args
         a["truncated"] = a.get("truncated", False) or chosen_cut or rejected_cut
     for a in attempts:  # cheap rules first
         a.setdefault("truncated", False)
+        options = a["video"].get("options") if a["question_source"] == "given" else None
+        if options and a.get("chosen") and a.get("rejected"):
+            a["choices"] = {side: extract_choice(a[side], options) for side in ("chosen", "rejected")}
         if not a["question"].strip() or not a.get("chosen") or not a.get("rejected") or (a["kind"] == "localized" and not a["caption"]):
             a["dropped_by"] = "empty"
-        elif a["chosen"] == a["rejected"]:
+        elif options and None in a["choices"].values():  # e.g. a letter past the options: a lesson in format, not time
+            a["dropped_by"] = "not_an_option"
+        elif a["chosen"] == a["rejected"] or options and a["choices"]["chosen"] == a["choices"]["rejected"]:
             a["dropped_by"] = "identical"
         elif similarity(a["chosen"], a["rejected"]) >= args.near_identical:
             a["dropped_by"] = "near_identical"
@@ -393,6 +436,11 @@ def pair_record(a: Attempt, out_dir):
               "question_source": a["question_source"]}
     if a.get("caption"):
         record["caption"] = a["caption"]
+    if "choices" in a:  # a multiple-choice question: the options and the letters the answers pick
+        record["options"] = a["video"]["options"]
+        record["choices"] = {side: LETTERS[i] for side, i in a["choices"].items()}
+        if "answer" in a["video"]:  # given with the video, never used to make or keep the pair
+            record["answer"] = LETTERS[a["video"]["answer"]]
     for key in ("judge_margin", "answerable_margin"):
         if key in a:
             record[key] = round(a[key], 4)
@@ -408,6 +456,23 @@ def restore(out_dir):
     attempts = [a for a in read_log(os.path.join(out_dir, "attempts.jsonl")) if a["kept"] is False or a["id"] in pairs]
     kept = {a["id"] for a in attempts if a["kept"]}
     return attempts, [p for pid, p in pairs.items() if pid in kept]
+
+
+def answers_right(a: Attempt):
+    """{"right": {chosen, rejected}}: whether each answer picks the video's given answer; {} when none is given."""
+    if "choices" not in a or "answer" not in a["video"]:
+        return {}
+    return {"right": {side: choice == a["video"]["answer"] for side, choice in a["choices"].items()}}
+
+
+def audit(kept):
+    """How often the kept pairs' chosen and rejected answers are right, where the video list gave answers."""
+    audited = [a for a in kept if "right" in a]
+    if not audited:
+        return None
+    rights = {side: sum(a["right"][side] for a in audited) for side in ("chosen", "rejected")}
+    return {"pairs": len(audited), **{side: {"right": k, "accuracy": round(k / len(audited), 4),
+                                             "interval": wilson_interval(k, len(audited))} for side, k in rights.items()}}
 
 
 def write_stats(out_dir, attempts, bad_videos, targets, seconds, made, exhausted=0):
@@ -429,6 +494,9 @@ def write_stats(out_dir, attempts, bad_videos, targets, seconds, made, exhausted
              "skipped_videos": len(bad_videos), "skipped_video_ids": bad_videos,
              "seconds_this_run": round(seconds, 1), "pairs_made_this_run": made,
              "pairs_per_hour_this_run": round(made * 3600 / seconds, 1) if seconds > 0 else None}
+    checked = audit(kept)
+    if checked:
+        stats["audit_against_given_answers"] = checked
     with atomic_write(os.path.join(out_dir, "stats.json")) as f:
         json.dump(stats, f, indent=2)
     return stats
@@ -476,7 +544,7 @@ def keep_results(results, kept, targets, out_dir):
         kept[a["kind"]] += keep
         logged.append({"slot": a["slot"], "id": a["id"], "video": a["video"]["id"], "kind": a["kind"],
                        "negative": a["negative"], "question_source": a.get("question_source"),
-                       "kept": keep, "dropped_by": a["dropped_by"]})
+                       "kept": keep, "dropped_by": a["dropped_by"], **answers_right(a)})
         if keep:
             new_pairs.append(pair_record(a, out_dir))
     return new_pairs, logged
@@ -488,6 +556,8 @@ def report_shortfall(stats, args):
     hints = ["more videos", f"a larger --max-attempts (now {args.max_attempts:g})"]
     if stats["dropped_by"]["identical"] + stats["dropped_by"]["near_identical"] and args.temperature == 0:
         hints.append("--temperature 0.7 (greedy answers from two views are often the same)")
+    if stats["dropped_by"]["not_an_option"]:
+        hints.append("a model or adapter that answers multiple choice with an option's letter")
     if stats["dropped_by"]["truncated"]:
         hints.append(f"a larger --max-new-tokens (now {args.max_new_tokens})")
     if stats["dropped_by"]["judge_prefers_rejected"] + stats["dropped_by"]["unanswerable"]:
@@ -535,6 +605,12 @@ def main(argv=None):
     stats = write_stats(args.out, done, bad, targets, time.perf_counter() - began, made, exhausted)
     print(f"kept {stats['kept']} of {stats['attempts']} attempts ({stats['kept_by_kind']}); dropped {stats['dropped_by']}; "
           f"pairs in {pairs_path}")
+    if "audit_against_given_answers" in stats:
+        checked = stats["audit_against_given_answers"]
+        rate = lambda side: f"{100 * checked[side]['accuracy']:.1f}% [{100 * checked[side]['interval'][0]:.1f}, " \
+                            f"{100 * checked[side]['interval'][1]:.1f}]"
+        print(f"against the answers given with the videos ({checked['pairs']} pairs): the chosen answer is right "
+              f"{rate('chosen')}, the rejected one {rate('rejected')}")
     if stats["kept"] == 0:
         raise InputError(f"{args.out}: no pair survived the filters ({stats['dropped_by']})")
     if stats["kept"] < args.num_pairs:
@@ -1018,6 +1094,112 @@ def chat_inputs(processor, requests, device):
     processor.tokenizer.padding_side = "left"
     return processor(text=texts, videos=videos, padding=True, return_tensors="pt", **video_timing(videos)).to(device)
 # ---- end shared: chat ----
+
+
+# ---- shared: choice (multiple-choice prompts, scoring and answer parsing) ----
+LETTERS = "ABCDEFGHIJ"
+YES_NO = ("yes", "no")
+# Words after which "A" (or "I") is still a letter, not the article (or the pronoun): "A or B", "A is right".
+LETTER_FOLLOWERS = {"or", "and", "nor", "is", "was", "seems", "appears", "fits", "matches", "because", "since", "but",
+                    "as", "vs", "versus", "best", "correctly", "then"}
+# "The answer is b", "Option (C)", "I would choose B": a letter given as the answer.
+STATED_ANSWER = (r"(?i:answer|option|choice|choose|pick|select|go with)(?:\s+(?i:is|would be|should be|will be))?"
+                 r"\s*[:=]?\s*[\[(]?([A-Ja-j])(?=[\]).,:;!?]|\s*$|\s)")
+YES_WORDS = {"yes", "yeah", "yep", "yup", "true"}
+NO_WORDS = {"no", "nope", "nah", "false"}
+
+
+def is_yes_no(options):
+    return tuple(o.strip().lower() for o in options) == YES_NO
+
+
+def choice_prompt(question, options):
+    """The question with lettered options and the instruction lmms-eval uses (or a yes/no one)."""
+    if is_yes_no(options):
+        return f"{question}\nPlease answer yes or no."
+    lines = [f"{LETTERS[i]}. {option}" for i, option in enumerate(options)]
+    return "\n".join([question, *lines, "Answer with the option's letter from the given choices directly."])
+
+
+def extract_choice(reply, options):
+    """Index of the option a free-form reply picks, or None when it picks none or several.
+    Multiple choice: the letters the reply states as its answer ("B", "(c)", "b)", "The answer is b",
+    "Option B"); else the letters it mentions ("... so (B) fits"), never the article "A"; else the one
+    option whose whole text it quotes. Two or more different letters, or options, and no single one
+    stated: None. Yes/no: the reply's first word, or a yes/no after a comma ("Based on the video, yes.")."""
+    text = re.sub(r"[*_`#]+", "", reply).strip(" \t\n'\"“”‘’")
+    if is_yes_no(options):
+        return yes_no_choice(text.lower())
+    valid = LETTERS[:len(options)]
+    for letters in (stated_letters(text), mentioned_letters(text)):
+        if letters:
+            if len(letters) > 1 or not letters <= set(valid):
+                return None
+            chosen = valid.index(letters.pop())
+            quoted = re.match(rf"\W*{valid[chosen]}[.):]\s*(.+?)[.!]?\s*(?:\n|$)", text)  # "B. <text of option A>"
+            others = [o.strip().lower() for i, o in enumerate(options) if i != chosen]
+            return None if quoted and quoted[1].strip().lower() in others else chosen
+    named = [i for i, o in enumerate(options) if o.strip() and re.search(
+        rf"(?<!\w){re.escape(o.strip().rstrip('.'))}(?!\w)", text, re.I)]
+    named = [i for i in named if not any(j != i and options[i].strip().lower() in options[j].lower() for j in named)]
+    return named[0] if len(named) == 1 else None
+
+
+def is_letter_at(text, end):
+    """Whether the single capital letter just before `end` names an option: "A" and "I" followed by
+    another word are the article and the pronoun, unless the word joins options ("A or B")."""
+    letter, word = text[end - 1], re.match(r"[ \t]+([A-Za-z]+)", text[end:])
+    return not (letter in "AIai" and word and word[1].lower() not in LETTER_FOLLOWERS)
+
+
+def stated_letters(text):
+    """Upper-case letters of the options a reply states as its answer."""
+    found = set()
+    opening = re.match(r"[\[(]?([A-J])(?:[\]).:,;\-]|\s*$|\s*\n|(?=[ \t]))", text)
+    if opening and is_letter_at(text, opening.end(1)) and not re.match(r"\W*(?:and|or|nor|vs)\b|\s*/", text[opening.end():]):
+        found.add(opening[1])
+    lower = re.fullmatch(r"[\[(]?([a-j])(?:[\]).:,]\s*.*|)", text, re.S)  # "b", "(c)", "c) the dog runs"
+    if lower and (lower[1] != "a" or len(text) <= 3 or text[1] in ").:,]"):
+        found.add(lower[1].upper())
+    for m in re.finditer(STATED_ANSWER, text):
+        if is_letter_at(text, m.end(1)):
+            found.add(m[1].upper())
+    return found
+
+
+def mentioned_letters(text):
+    """Upper-case letters a reply mentions as options: "(B)", "[c]", "B." or a standalone "B"."""
+    found = {m[1].upper() for m in re.finditer(r"[\[(]([A-Ja-j])[\])]", text)}
+    for m in re.finditer(r"(?<![\w'’-])([A-J])(?![\w'’-])", text):
+        if is_letter_at(text, m.end(1)):
+            found.add(m[1])
+    return found
+
+
+def yes_no_choice(text):
+    """0 (yes), 1 (no) or None, from a lower-cased reply."""
+    if re.search(r"\b(?:yes|no)\b\W*(?:and|or)\W*\b(?:yes|no)\b", text):
+        return None
+    first = re.match(r"\W*([a-z]+)(?:\W+([a-z]+))?", text)
+    if first and first[1] in YES_WORDS:
+        return 0
+    if first and (first[1] in NO_WORDS or first[1] == "not" and first[2] in ("really", "at", "quite", "exactly")):
+        return 1
+    stated = {m[1] in NO_WORDS for m in re.finditer(r"(?:answer is|answer:|[,.;:!?]\s*)\W*(yes|no)\b", text)}
+    return int(stated.pop()) if len(stated) == 1 else None
+# ---- end shared: choice ----
+
+
+# ---- shared: stats (Wilson intervals) ----
+def wilson_interval(correct, total, z=1.96):
+    """95% Wilson score interval of a proportion (sound for small n and for 0 or n successes)."""
+    if total == 0:
+        return [0.0, 1.0]
+    p, spread = correct / total, z * z / total
+    centre = (p + spread / 2) / (1 + spread)
+    half = z * math.sqrt(p * (1 - p) / total + spread / (4 * total)) / (1 + spread)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
+# ---- end shared: stats ----
 
 
 if __name__ == "__main__":

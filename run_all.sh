@@ -17,10 +17,12 @@
 #               (default: 300 order-free questions about new toy videos with the toy model, else none)
 #   VIDEOS      videos for TPO pairs: a folder or JSONL (default: stage 02's training videos with the toy model,
 #               else sample videos written into $OUT/videos)
-#   NUM_PAIRS   TPO preference pairs to keep (default: 24)
+#   NUM_PAIRS   TPO preference pairs to keep (default: 200 with the toy model, else 24)
+#   PAIR_RATIO  localized:comprehensive TPO pairs (default: 0:1 with the toy model, which cannot write questions of
+#               its own and is asked 02's, else 5:5)
 #   JUDGE       1: the model judges its pairs; 0: cheap rules only (default: 0 for the toy model, 1 otherwise)
 #   NUM_FRAMES  frames per video in every stage (default: 8)
-#   TEMPERATURE sampling temperature for pair answers (default: 1.0 for the toy model, 0 = greedy otherwise)
+#   TEMPERATURE sampling temperature for pair answers (default: 0 = greedy)
 #   PROBE_VIDEOS probe videos per aspect in stage 02 (default: 60)
 #   PROBE_SEEDS probe trainings per aspect (default: 2)
 #   BENCH       extra benchmarks for stage 06, space-separated [NAME=]FILE (e.g. "videomme=/data/videomme.json")
@@ -41,9 +43,10 @@ if [ -z "${MODEL:-}" ]; then
   [ -f "$MODEL/model.safetensors" ] || python toy_world/pretrain.py "$MODEL"  # shipped; this rebuilds it (about 11 min)
   CAPTIONS=${CAPTIONS:-$MODEL/captions.jsonl}
   TOY=1
-  # the toy model answers with one letter, greedily the same one; sampling gives pairs to filter
-  TEMPERATURE=${TEMPERATURE:-1.0}
-  # and it was never taught to judge answers
+  # it was never taught to write questions or judge answers: its TPO pairs answer 02's multiple-choice questions
+  # about its training videos, from 8 frames (chosen) and from 2 (rejected), kept by the cheap rules alone
+  PAIR_RATIO=${PAIR_RATIO:-0:1}
+  NUM_PAIRS=${NUM_PAIRS:-200}
   JUDGE=${JUDGE:-0}
   # enough text for its adapter to learn from, with its own kind of video questions mixed in (as T3 mixes
   # in video instruction data): without them, training on text alone costs it its sight
@@ -60,6 +63,7 @@ BATCH=${BATCH:-8}
 TEMPERATURE=${TEMPERATURE:-0}
 JUDGE=${JUDGE:-1}
 NUM_PAIRS=${NUM_PAIRS:-24}
+PAIR_RATIO=${PAIR_RATIO:-5:5}
 NUM_FRAMES=${NUM_FRAMES:-8}
 PROBE_VIDEOS=${PROBE_VIDEOS:-60}
 PROBE_SEEDS=${PROBE_SEEDS:-2}
@@ -97,7 +101,8 @@ for aspect in controls:
     print(f"   order-free control ({aspect}): chance {100 * row['chance']:.1f}, video LLM {100 * row['video_llm']:.1f}")
 PY
 
-if [ -z "${VIDEOS:-}" ]; then  # the toy world's own videos, from 02's probe training split (never its test videos)
+if [ -z "${VIDEOS:-}" ]; then  # the toy world's own videos, from 02's probe training split (never its test videos),
+  # with 02's question about each; its answer is given only for 04 to audit the pairs with, never to make them
   VIDEOS="$OUT/02/tpo_videos.jsonl"
   python - "$OUT/02/videos.jsonl" "$VIDEOS" <<'PY'
 import json, sys
@@ -105,7 +110,8 @@ with open(sys.argv[2], "w") as f:
     for line in open(sys.argv[1]):
         r = json.loads(line)
         if r["split"] == "train":
-            f.write(json.dumps({"id": r["id"], "video": r["video"]}) + "\n")
+            f.write(json.dumps({"id": r["id"], "video": r["video"], "question": r["question"], "options": r["options"],
+                                "answer": r["options"][r["label"]]}) + "\n")
 PY
 fi
 
@@ -126,16 +132,16 @@ PY
 echo "== 04 TPO preference pairs from $VIDEOS -> $OUT/04"
 rm -rf "$OUT/04"
 python 04_build_pairs.py --model "$MODEL" --adapter "$OUT/03" --videos "$VIDEOS" --out "$OUT/04" \
-  --num-pairs "$NUM_PAIRS" --num-frames "$NUM_FRAMES" --sparse-frames 2 --max-new-tokens 32 \
+  --num-pairs "$NUM_PAIRS" --ratio "$PAIR_RATIO" --num-frames "$NUM_FRAMES" --sparse-frames 2 --max-new-tokens 32 \
   --temperature "$TEMPERATURE" --max-attempts 8 --seed "$SEED" $([ "$JUDGE" = 0 ] && echo --no-judge)
 python - "$OUT/04/stats.json" <<'PY'
 import json, sys
 stats = json.load(open(sys.argv[1]))
 both = sum(all(counts.values()) for counts in stats["kept_by_video"].values())
+questions = {source: count["kept"] for source, count in stats["comprehensive_questions"].items()}
 print(f"   {stats['kept']} pairs ({stats['kept_by_kind']['localized']} localized, {stats['kept_by_kind']['comprehensive']} "
       f"comprehensive) from {len(stats['kept_by_video'])} videos, {both} with both kinds; kept comprehensive questions: "
-      f"{stats['comprehensive_questions']['generated']['kept']} written by the model, "
-      f"{stats['comprehensive_questions']['template']['kept']} templates")
+      f"{questions['generated']} written by the model, {questions['template']} templates, {questions['given']} given")
 PY
 
 echo "== 05 TPO (DPO + SFT) from the T3 adapter -> $OUT/05"

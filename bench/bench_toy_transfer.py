@@ -28,10 +28,17 @@ The toy world's check of the T3 finding, run with the stages as they ship:
      red circle on the left", the words it was pretrained on, not 02's coordinates) and stamped: a
      skill that does not survive other words cannot be expected to survive pictures.
 
+With --tpo SET, TPO follows from SET's adapter, as run_all.sh runs it on the toy: 04_build_pairs.py asks 02's
+questions about its training videos and keeps the pairs whose answers from 8 frames (chosen) and from 2
+(rejected) pick different options; 05_train_tpo.py trains on them from the adapter; 06 scores `SET+tpo`
+too. The bench prints how often the chosen and the rejected answers are right (02's answers, given to 04
+only for this audit) and SET+tpo against SET on the same items.
+
 Transfer shows as a gain on probe_bench for `words`, `caption_words`, `stamped` (and `t3`) whose interval
 excludes 0, with none for `control`. Every stage's output stays in --work-dir when one is given.
 
 Usage: python bench/bench_toy_transfer.py [--sets words,caption_words,stamped,control,t3] [--steps 400] [--num-videos 150]
+           [--tpo stamped] [--tpo-pairs 400] [--tpo-steps 200]
 """
 import argparse
 import json
@@ -61,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--no-4bit", action="store_true", help="train and score the model unquantized")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", help="keep every stage's output here (default: a temporary folder)")
+    p.add_argument("--tpo", metavar="SET", help="then TPO (stages 04 and 05) from this set's adapter")
+    p.add_argument("--tpo-pairs", type=int, default=400, help="TPO pairs stage 04 keeps")
+    p.add_argument("--tpo-steps", type=int, default=200, help="05's optimizer steps, 2 pairs each (as run_all.sh)")
     args = p.parse_args(argv)
     args.sets = [s for s in args.sets.split(",") if s]
     unknown = [s for s in args.sets if s not in SETS]
@@ -68,6 +78,8 @@ def parse_args(argv=None):
         p.error(f"--mix-videos must be 0 (text only) or more, not {args.mix_videos}")
     if unknown or not args.sets:
         p.error(f"--sets takes some of {', '.join(SETS)}, not {','.join(unknown) or 'nothing'}")
+    if args.tpo and args.tpo not in args.sets:
+        p.error(f"--tpo takes one of the sets trained (--sets {','.join(args.sets)}), not {args.tpo}")
     return args
 
 
@@ -110,6 +122,38 @@ def reworded(probe, lines, probe_videos, num_videos, seed):
     return out
 
 
+def tpo_videos(probe, probe_videos):
+    """02's training videos as stage 04's video list (relative to the work folder), each with 02's question,
+    options and answer: 04 asks the question and only audits its pairs against the answer."""
+    return [{"id": v["id"], "video": os.path.join("02", v["video"]), "question": v["question"], "options": v["options"],
+             "answer": probe.LETTERS[v["label"]]} for v in probe_videos if v["split"] == "train"]
+
+
+def tpo_summary(work, name):
+    """The pairs' audit (04's stats) and SET+tpo against SET on probe_bench, from 06's predictions."""
+    evaluation = load_stage("06_eval.py")
+    audit = json.load(open(f"{work}/04/stats.json"))["audit_against_given_answers"]
+    rate = lambda side: (f"{100 * audit[side]['accuracy']:.1f}% [{100 * audit[side]['interval'][0]:.1f}, "
+                         f"{100 * audit[side]['interval'][1]:.1f}]")
+    lines = [f"TPO from {name}: {audit['pairs']} pairs; against 02's answers the chosen answer (8 frames) is right "
+             f"{rate('chosen')}, the rejected one (2 frames) {rate('rejected')}", "",
+             f"| probe_bench task | n | {name} | {name}+tpo | difference |", "|---|---|---|---|---|"]
+    by_model = {}
+    for line in open(f"{work}/06/predictions.jsonl"):
+        p = json.loads(line)
+        if p["bench"] == "probe_bench":
+            by_model.setdefault(p["model"], {})[p["id"]] = p
+    before, after = by_model[name], by_model[f"{name}+tpo"]
+    tasks = sorted({p["groups"]["task_type"] for p in before.values()})
+    for task in ["all", *tasks]:
+        ids = [i for i, p in before.items() if task == "all" or p["groups"]["task_type"] == task]
+        d = evaluation.paired_difference([(after[i]["correct"], before[i]["correct"]) for i in ids])
+        accuracy = lambda model: 100 * sum(model[i]["correct"] for i in ids) / len(ids)
+        lines.append(f"| {task} | {len(ids)} | {accuracy(before):.1f} | {accuracy(after):.1f} | {100 * d['difference']:+.1f} "
+                     f"[{100 * d['interval'][0]:+.1f}, {100 * d['interval'][1]:+.1f}]{'' if d['significant'] else ' n.s.'} |")
+    return "\n".join(lines)
+
+
 def write_jsonl(path, records):
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
@@ -150,6 +194,16 @@ def main(argv=None):
                                           args.batch_size, "--grad-accum", 1, "--lr", args.lr, "--save-every", args.steps,
                                           "--seed", args.seed, *mix, *quantized)
             adapters += ["--adapter", f"{name}={work}/03_{name}"]
+        if args.tpo:
+            write_jsonl(f"{work}/tpo_videos.jsonl", tpo_videos(probe, probe_videos))
+            seconds["04"] = stage(work, "04", "04_build_pairs.py", "--model", args.model, "--adapter", f"{work}/03_{args.tpo}",
+                                  "--videos", f"{work}/tpo_videos.jsonl", "--out", f"{work}/04", "--num-pairs", args.tpo_pairs,
+                                  "--ratio", "0:1", "--num-frames", NUM_FRAMES, "--sparse-frames", 2, "--max-new-tokens", 8,
+                                  "--max-attempts", 8, "--no-judge", "--seed", args.seed, *quantized)
+            seconds["05"] = stage(work, "05", "05_train_tpo.py", "--model", args.model, "--adapter", f"{work}/03_{args.tpo}",
+                                  "--pairs", f"{work}/04/pairs.jsonl", "--out", f"{work}/05", "--max-steps", args.tpo_steps,
+                                  "--grad-accum", 2, "--lr", 1e-3, "--num-frames", NUM_FRAMES, "--seed", args.seed, *quantized)
+            adapters += ["--adapter", f"{args.tpo}+tpo={work}/05"]
         seconds["06"] = stage(work, "06", "06_eval.py", "--model", args.model, *adapters,
                               "--bench", f"{work}/02/probe_bench.jsonl", "--bench", f"{work}/02/probe_control_bench.jsonl",
                               "--bench", f"words_test={work}/words_test.jsonl",
@@ -162,6 +216,8 @@ def main(argv=None):
         print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")
         results = open(f"{work}/06/results.md").read()
         print(results[:results.find("The prompt of")].strip())  # the tables; the prompts shown are 06's own checks
+        if args.tpo:
+            print("\n" + tpo_summary(work, args.tpo))
 
 
 if __name__ == "__main__":

@@ -136,6 +136,60 @@ def test_filters_drop_what_they_claim(monkeypatch):
                                                   "judge_prefers_rejected", None, "unanswerable", None]
 
 
+def test_a_multiple_choice_question_is_asked_with_its_options_and_audits_the_pairs(monkeypatch, tmp_path):
+    """With options, the given question is asked as stage 06 asks it; an answer that picks no option
+    drops the attempt, two that pick the same option are identical, and the given answer is only
+    compared with the kept pairs' answers, never used to keep one."""
+    args = pairs_stage.parse_args(["--model", "m", "--videos", "v", "--out", "o", "--num-frames", "8", "--sparse-frames", "2",
+                                   "--no-judge"])
+    video = {"id": "a.mp4", "path": "a.mp4", "frames": 40, "question": "Which object appears first?",
+             "options": ["the red object", "the blue object"], "answer": 0}
+    attempts = [pairs_stage.plan_attempt(s, video, "comprehensive", args) for s in range(5)]
+    assert attempts[0]["question"] == ("Which object appears first?\nA. the red object\nB. the blue object\n"
+                                       "Answer with the option's letter from the given choices directly.")
+    answers = [("A", False), ("C", False),                  # C is no option
+               ("blue", False), ("B", False),               # "blue" names no option
+               ("A", False), ("A.", False),                 # the same option
+               ("A", False), ("B", False),                  # kept, the chosen answer right
+               ("The answer is B", False), ("A", False)]    # kept, the rejected answer right
+    monkeypatch.setattr(pairs_stage, "generate", lambda *a, **k: answers)
+    monkeypatch.setattr(pairs_stage, "read_frames", lambda path, count, indices: (None, indices))
+    results = pairs_stage.run_attempts(None, None, attempts, args, None)
+    assert [a["dropped_by"] for a in results] == ["not_an_option", "not_an_option", "identical", None, None]
+    pair = pairs_stage.pair_record(results[4], tmp_path)
+    assert pair["choices"] == {"chosen": "B", "rejected": "A"} and pair["answer"] == "A"
+    assert pair["options"] == video["options"] and pair["prompt"] == attempts[0]["question"]
+    kept, targets = {"localized": 0, "comprehensive": 0}, {"localized": 0, "comprehensive": 5}
+    _, logged = pairs_stage.keep_results(results, kept, targets, tmp_path)
+    stats = pairs_stage.write_stats(tmp_path, logged, [], targets, 1.0, 2)
+    checked = stats["audit_against_given_answers"]
+    assert checked["pairs"] == 2 and checked["chosen"]["right"] == 1 and checked["rejected"]["right"] == 1
+    assert stats["dropped_by"]["not_an_option"] == 2
+    del video["answer"]  # no answer given: nothing to audit
+    plain = pairs_stage.keep_results([dict(results[3], video=video)], kept, {"localized": 0, "comprehensive": 9}, tmp_path)[1]
+    assert "audit_against_given_answers" not in pairs_stage.write_stats(tmp_path, plain, [], targets, 1.0, 1)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"options": ["x", "y"]}, "'options' need a 'question'"),
+    ({"question": "Q?", "options": ["x"]}, "'options' must be a list of 2 to 10 non-empty strings"),
+    ({"question": "Q?", "options": ["x", ""]}, "'options' must be a list of 2 to 10 non-empty strings"),
+    ({"question": "Q?", "answer": "A"}, "'answer' needs 'options'"),
+    ({"question": "Q?", "options": ["x", "y"], "answer": "C"}, "'answer' must be one of the letters A, B or an option's "
+                                                                "text, not 'C'"),
+])
+def test_a_bad_multiple_choice_video_record_is_one_clear_line(video_dir, tmp_path, record, message):
+    listing = tmp_path / "videos.jsonl"
+    good = {"id": "v0", "video": str(video_dir / "clip0.mp4"), "question": "Q?", "options": ["x", "y"], "answer": "y"}
+    listing.write_text(json.dumps(good) + "\n" + json.dumps({"id": "v1", "video": str(video_dir / "clip1.mp4"), **record}) + "\n")
+    result = subprocess.run([sys.executable, SCRIPT, "--model", "m", "--videos", str(listing), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {listing}:2: {message}"]
+    alone = tmp_path / "good.jsonl"
+    alone.write_text(json.dumps(good) + "\n")
+    assert pairs_stage.list_videos(str(alone))[0]["answer"] == 1  # an option's text names its option
+
+
 def test_builds_pairs_with_ratio_stats_and_bad_video_skipped(tiny_models, t3_adapter, video_dir, tmp_path):
     result = build(tiny_models, t3_adapter, video_dir, tmp_path, "--num-pairs", "4", "--no-judge", "--max-attempts", "6")
     assert result.returncode == 0, result.stderr[-2000:]

@@ -25,7 +25,8 @@ def test_run_all_runs_every_stage_and_prints_the_table(tmp_path):
     assert all(results[m]["t3_val"]["total"] == 8 for m in results)
     table = result.stdout[result.stdout.index("| model |"):]
     assert "| base |" in table and "| t3 |" in table and "| t3+tpo |" in table
-    for headline in ("== 02", "mean over 10 temporal aspects", "order-free control (appearance)", "reward accuracy", "T3 validation accuracy", "step 1: DPO term 0.6931"):
+    for headline in ("== 02", "mean over 10 temporal aspects", "order-free control (appearance)", "reward accuracy", "T3 validation accuracy",
+                     "against the answers given with the videos", "step 1: DPO term 0.6931"):
         assert headline in result.stdout
     assert result.stdout.count("the language model is the bottleneck") <= 1  # the verdict is printed once
     # quiet: no library warnings a user cannot act on, no tracebacks

@@ -136,7 +136,7 @@ def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path, mon
     does; stage 06 scores base and adapter on the held-out videos. The adapter must answer the
     videos better, the difference's interval above 0. A change that breaks what carries a skill from
     text to video (a stage's prompt or markers, 06's scoring, the adapter's loading, the toy model's
-    frames written as words) fails here."""
+    frames written as words) fails here. Then stage 04 builds TPO pairs with that adapter (below)."""
     bench = load_bench(monkeypatch)
     result = run_in_process("02_probe.py", "--model", TOY_MODEL, "--out", tmp_path / "02", "--aspects", "order_of_two",
                             "--num-videos", 240, "--num-frames", 8, "--seeds", 1)
@@ -157,6 +157,18 @@ def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path, mon
     base, text = scores["base"]["probe_bench"], scores["text"]["probe_bench"]
     assert base["accuracy"] <= 0.75  # chance 0.5: before, it does not know which came first (0.59 when measured)
     assert text["accuracy"] >= 0.8 and text["vs_base"]["interval"][0] > 0.15  # measured: 1.0, +41 [+29, +51]
+
+    # Stage 04 with that adapter, asked 02's question about the training videos: a pair's chosen answer
+    # comes from 8 frames, its rejected one from 2, so the chosen one must be right far more often. Views
+    # swapped, or the frames not passed, fail here. The answers are given only for stage 04's audit.
+    listing = tmp_path / "tpo_videos.jsonl"
+    bench.write_jsonl(listing, bench.tpo_videos(probe, videos))  # the video list the bench's --tpo gives 04
+    result = run_in_process("04_build_pairs.py", "--model", TOY_MODEL, "--adapter", tmp_path / "03", "--videos", listing,
+                            "--out", tmp_path / "04", "--num-pairs", 24, "--ratio", "0:1", "--num-frames", 8,
+                            "--sparse-frames", 2, "--max-new-tokens", 4, "--max-attempts", 10, "--no-judge")
+    assert result.returncode == 0, result.stderr[-2000:]
+    checked = json.load(open(tmp_path / "04" / "stats.json"))["audit_against_given_answers"]
+    assert checked["pairs"] >= 12 and checked["chosen"]["interval"][0] > checked["rejected"]["interval"][1]  # 22/24 vs 2/24 measured
 
 
 def load_bench(monkeypatch):
