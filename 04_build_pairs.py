@@ -172,24 +172,32 @@ def list_videos(source) -> list[Video]:
 def multiple_choice(record, where):
     """{options, answer?} of a video list record whose question has options; {} without options."""
     options, answer = record.get("options"), record.get("answer")
+    if isinstance(record.get("question"), str) and not record["question"].strip():
+        raise InputError(f"{where}: 'question' is empty")
     if options is None:
         if answer is not None:
             raise InputError(f"{where}: 'answer' needs 'options'")
         return {}
-    if not isinstance(record.get("question"), str) or not record["question"].strip():
-        raise InputError(f"{where}: 'options' need a 'question'")
+    if not isinstance(record.get("question"), str):
+        raise InputError(f"{where}: 'options' need a 'question' (a string)")
     if not (isinstance(options, list) and 2 <= len(options) <= len(LETTERS)
             and all(isinstance(o, str) and o.strip() for o in options)):
         raise InputError(f"{where}: 'options' must be a list of 2 to {len(LETTERS)} non-empty strings")
+    texts = [o.strip().lower() for o in options]
+    if len(set(texts)) < len(texts):  # the audit could not tell which of two alike options an answer picks
+        raise InputError(f"{where}: two options are the same")
     if answer is None:
         return {"options": options}
     letters = LETTERS[:len(options)]
-    if isinstance(answer, str) and answer.strip().upper() in letters and len(answer.strip()) == 1:
-        return {"options": options, "answer": letters.index(answer.strip().upper())}
-    if isinstance(answer, str) and answer in options:
-        return {"options": options, "answer": options.index(answer)}
-    raise InputError(f"{where}: 'answer' must be one of the letters {', '.join(letters)} or an option's text, "
-                     f"not {answer!r}")
+    as_letter = letters.find(answer.strip().upper()) if isinstance(answer, str) and len(answer.strip()) == 1 else -1
+    as_text = texts.index(answer.strip().lower()) if isinstance(answer, str) and answer.strip().lower() in texts else -1
+    if as_letter >= 0 and as_text >= 0 and as_letter != as_text:
+        raise InputError(f"{where}: 'answer' {answer!r} is option {letters[as_letter]}'s letter and option "
+                         f"{letters[as_text]}'s text; give the letter of the one meant")
+    if max(as_letter, as_text) < 0:
+        raise InputError(f"{where}: 'answer' must be one of the letters {', '.join(letters)} or an option's text, "
+                         f"not {answer!r}")
+    return {"options": options, "answer": max(as_letter, as_text)}
 
 
 def usable_videos(videos, min_frames, show):

@@ -171,7 +171,12 @@ def test_a_multiple_choice_question_is_asked_with_its_options_and_audits_the_pai
 
 
 @pytest.mark.parametrize("record, message", [
-    ({"options": ["x", "y"]}, "'options' need a 'question'"),
+    ({"options": ["x", "y"]}, "'options' need a 'question' (a string)"),
+    ({"question": " ", "options": ["x", "y"]}, "'question' is empty"),
+    ({"question": ""}, "'question' is empty"),
+    ({"question": "Q?", "options": ["x", "X "]}, "two options are the same"),
+    ({"question": "Q?", "options": ["B", "A"], "answer": "A"}, "'answer' 'A' is option A's letter and option B's text; "
+                                                               "give the letter of the one meant"),
     ({"question": "Q?", "options": ["x"]}, "'options' must be a list of 2 to 10 non-empty strings"),
     ({"question": "Q?", "options": ["x", ""]}, "'options' must be a list of 2 to 10 non-empty strings"),
     ({"question": "Q?", "answer": "A"}, "'answer' needs 'options'"),
@@ -188,6 +193,8 @@ def test_a_bad_multiple_choice_video_record_is_one_clear_line(video_dir, tmp_pat
     alone = tmp_path / "good.jsonl"
     alone.write_text(json.dumps(good) + "\n")
     assert pairs_stage.list_videos(str(alone))[0]["answer"] == 1  # an option's text names its option
+    alone.write_text(json.dumps(dict(good, options=["Red", "Blue"], answer=" blue ")) + "\n")
+    assert pairs_stage.list_videos(str(alone))[0]["answer"] == 1  # in any case, spaces around it aside
 
 
 def test_builds_pairs_with_ratio_stats_and_bad_video_skipped(tiny_models, t3_adapter, video_dir, tmp_path):
