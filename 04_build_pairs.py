@@ -105,7 +105,8 @@ def parse_args(argv=None):
     p.add_argument("--adapter", help="a PEFT adapter to apply (e.g. the T3 adapter of stage 03)")
     p.add_argument("--videos", required=True, help="a folder (searched recursively) or a JSONL of {id, video[, caption, "
                    "question[, options[, answer]]]}: a question given is asked for the comprehensive pairs, as multiple "
-                   "choice if it has options; an answer only audits the pairs (stats.json)")
+                   "choice if it has options, and the caption, describing the whole video, is what the judge reads "
+                   "of it; an answer only audits the pairs (stats.json)")
     p.add_argument("--out", required=True)
     p.add_argument("--num-pairs", type=int, default=1000, help="pairs to keep (in this shard)")
     p.add_argument("--ratio", default="5:5", help="localized:comprehensive pairs (default 5:5)")
@@ -151,10 +152,13 @@ def list_videos(source) -> list[Video]:
         if not videos:
             raise InputError(f"{source}: no video files ({' '.join(VIDEO_EXTENSIONS)})")
     elif os.path.isfile(source):
-        videos = []
+        videos, first_line = [], {}
         for number, record in read_jsonl(source):
             if not isinstance(record.get("id"), (str, int)) or not isinstance(record.get("video"), str):
                 raise InputError(f"{source}:{number}: record needs 'id' and a 'video' path")
+            if str(record["id"]) in first_line:
+                raise InputError(f"{source}:{number}: id {str(record['id'])!r} is already on line {first_line[str(record['id'])]}")
+            first_line[str(record["id"])] = number
             path = os.path.join(os.path.dirname(os.path.abspath(source)), record["video"])
             videos.append({"id": str(record["id"]), "path": path,
                            **{k: record[k] for k in ("caption", "question") if isinstance(record.get(k), str)},
@@ -163,9 +167,6 @@ def list_videos(source) -> list[Video]:
             raise InputError(f"{source}: no records")
     else:
         raise InputError(f"{source}: no such folder or file")
-    ids = [v["id"] for v in videos]
-    if len(set(ids)) != len(ids):
-        raise InputError(f"{source}: duplicate video ids")
     return sorted(videos, key=lambda v: v["id"])
 
 
@@ -252,6 +253,8 @@ def plan_attempt(slot, video, kind, args, retry=0) -> Attempt:
         given = video.get("question")
         if given and video.get("options"):
             given = choice_prompt(given, video["options"])
+        if given and video.get("caption"):  # no caption is written for a given question: the judge reads this one
+            attempt["caption"] = video["caption"]
         attempt.update(negative="incomplete", question=given, fallback_question=fallback,
                        question_source="given" if given else None,
                        frames={"train": train, "chosen": train, "rejected": sparse})

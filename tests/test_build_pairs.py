@@ -143,7 +143,7 @@ def test_a_multiple_choice_question_is_asked_with_its_options_and_audits_the_pai
     args = pairs_stage.parse_args(["--model", "m", "--videos", "v", "--out", "o", "--num-frames", "8", "--sparse-frames", "2",
                                    "--no-judge"])
     video = {"id": "a.mp4", "path": "a.mp4", "frames": 40, "question": "Which object appears first?",
-             "options": ["the red object", "the blue object"], "answer": 0}
+             "options": ["the red object", "the blue object"], "answer": 0, "caption": "A red object, then a blue one."}
     attempts = [pairs_stage.plan_attempt(s, video, "comprehensive", args) for s in range(5)]
     assert attempts[0]["question"] == ("Which object appears first?\nA. the red object\nB. the blue object\n"
                                        "Answer with the option's letter from the given choices directly.")
@@ -159,6 +159,7 @@ def test_a_multiple_choice_question_is_asked_with_its_options_and_audits_the_pai
     pair = pairs_stage.pair_record(results[4], tmp_path)
     assert pair["choices"] == {"chosen": "B", "rejected": "A"} and pair["answer"] == "A"
     assert pair["options"] == video["options"] and pair["prompt"] == attempts[0]["question"]
+    assert pair["caption"] == video["caption"]  # the video list's, as the judge reads it: none is written
     kept, targets = {"localized": 0, "comprehensive": 0}, {"localized": 0, "comprehensive": 5}
     _, logged = pairs_stage.keep_results(results, kept, targets, tmp_path)
     stats = pairs_stage.write_stats(tmp_path, logged, [], targets, 1.0, 2)
@@ -175,6 +176,7 @@ def test_a_multiple_choice_question_is_asked_with_its_options_and_audits_the_pai
     ({"question": " ", "options": ["x", "y"]}, "'question' is empty"),
     ({"question": ""}, "'question' is empty"),
     ({"question": "Q?", "options": ["x", "X "]}, "two options are the same"),
+    ({"id": "v0"}, "id 'v0' is already on line 1"),
     ({"question": "Q?", "options": ["B", "A"], "answer": "A"}, "'answer' 'A' is option A's letter and option B's text; "
                                                                "give the letter of the one meant"),
     ({"question": "Q?", "options": ["x"]}, "'options' must be a list of 2 to 10 non-empty strings"),
