@@ -130,14 +130,13 @@ def tpo_videos(probe, probe_videos):
 
 
 def tpo_summary(work, name):
-    """The pairs' audit (04's stats) and SET+tpo against SET on probe_bench, from 06's predictions."""
+    """The pairs' audit (04's stats) and SET+tpo against SET on probe_bench, scored and written as 06 does."""
     evaluation = load_stage("06_eval.py")
     audit = json.load(open(f"{work}/04/stats.json"))["audit_against_given_answers"]
-    rate = lambda side: (f"{100 * audit[side]['accuracy']:.1f}% [{100 * audit[side]['interval'][0]:.1f}, "
-                         f"{100 * audit[side]['interval'][1]:.1f}]")
-    lines = [f"TPO from {name}: {audit['pairs']} pairs; against 02's answers the chosen answer (8 frames) is right "
-             f"{rate('chosen')}, the rejected one (2 frames) {rate('rejected')}", "",
-             f"| probe_bench task | n | {name} | {name}+tpo | difference |", "|---|---|---|---|---|"]
+    lines = [f"TPO from {name}: {audit['pairs']} pairs; % right against 02's answers: the chosen answer (8 frames) "
+             f"{evaluation.format_cell(audit['chosen'])}, the rejected one (2 frames) {evaluation.format_cell(audit['rejected'])}",
+             "",
+             f"| probe_bench task | n | {name} | {name}+tpo, against {name} |", "|---|---|---|---|"]
     by_model = {}
     for line in open(f"{work}/06/predictions.jsonl"):
         p = json.loads(line)
@@ -147,10 +146,8 @@ def tpo_summary(work, name):
     tasks = sorted({p["groups"]["task_type"] for p in before.values()})
     for task in ["all", *tasks]:
         ids = [i for i, p in before.items() if task == "all" or p["groups"]["task_type"] == task]
-        d = evaluation.paired_difference([(after[i]["correct"], before[i]["correct"]) for i in ids])
-        accuracy = lambda model: 100 * sum(model[i]["correct"] for i in ids) / len(ids)
-        lines.append(f"| {task} | {len(ids)} | {accuracy(before):.1f} | {accuracy(after):.1f} | {100 * d['difference']:+.1f} "
-                     f"[{100 * d['interval'][0]:+.1f}, {100 * d['interval'][1]:+.1f}]{'' if d['significant'] else ' n.s.'} |")
+        cells = (evaluation.score_cell([before[i] for i in ids]), evaluation.score_cell([after[i] for i in ids], base=before))
+        lines.append(f"| {task} | {len(ids)} | " + " | ".join(map(evaluation.format_cell, cells)) + " |")
     return "\n".join(lines)
 
 

@@ -192,11 +192,14 @@ def test_a_bad_multiple_choice_video_record_is_one_clear_line(video_dir, tmp_pat
     result = subprocess.run([sys.executable, SCRIPT, "--model", "m", "--videos", str(listing), "--out", str(tmp_path / "o")],
                             capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {listing}:2: {message}"]
-    alone = tmp_path / "good.jsonl"
-    alone.write_text(json.dumps(good) + "\n")
-    assert pairs_stage.list_videos(str(alone))[0]["answer"] == 1  # an option's text names its option
-    alone.write_text(json.dumps(dict(good, options=["Red", "Blue"], answer=" blue ")) + "\n")
-    assert pairs_stage.list_videos(str(alone))[0]["answer"] == 1  # in any case, spaces around it aside
+
+
+def test_an_answer_names_its_option_by_letter_or_by_text(video_dir, tmp_path):
+    listing = tmp_path / "videos.jsonl"
+    for answer in ("b", " B ", "Blue", " blue "):  # a letter in any case; an option's text in any case, spaces aside
+        listing.write_text(json.dumps({"id": "v0", "video": str(video_dir / "clip0.mp4"), "question": "Q?",
+                                       "options": ["Red", "Blue"], "answer": answer}) + "\n")
+        assert pairs_stage.list_videos(str(listing))[0]["answer"] == 1
 
 
 def test_builds_pairs_with_ratio_stats_and_bad_video_skipped(tiny_models, t3_adapter, video_dir, tmp_path):
