@@ -477,13 +477,35 @@ def answers_right(a: Attempt):
 
 
 def audit(kept):
-    """How often the kept pairs' chosen and rejected answers are right, where the video list gave answers."""
+    """How often the kept pairs' chosen and rejected answers are right, where the video list gave answers,
+    with 95% intervals that count each video's pairs as one cluster (see interval_over_videos)."""
     audited = [a for a in kept if "right" in a]
     if not audited:
         return None
-    rights = {side: sum(a["right"][side] for a in audited) for side in ("chosen", "rejected")}
-    return {"pairs": len(audited), **{side: {"right": k, "accuracy": round(k / len(audited), 4),
-                                             "interval": wilson_interval(k, len(audited))} for side, k in rights.items()}}
+    by_video = {}
+    for a in audited:
+        by_video.setdefault(a.get("video") or a["id"], []).append(a)
+    checked = {"pairs": len(audited), "videos": len(by_video)}
+    for side in ("chosen", "rejected"):
+        groups = [[a["right"][side] for a in pairs] for pairs in by_video.values()]
+        right = sum(map(sum, groups))
+        checked[side] = {"right": right, "accuracy": round(right / len(audited), 4), "interval": interval_over_videos(groups)}
+    return checked
+
+
+def interval_over_videos(groups):
+    """95% interval of the share right over [[right?] per pair of one video]: pairs of one video share its
+    question and often its chosen answer, so they are not independent. Wilson's interval at the effective
+    sample size, the pairs divided by the design effect (the between-video variance of the share over the
+    binomial one, at least 1); with every answer right or every one wrong, the videos count as the sample."""
+    n, right = sum(map(len, groups)), sum(map(sum, groups))
+    share = right / n
+    if 0 < share < 1 and len(groups) > 1:
+        between = len(groups) / (len(groups) - 1) * sum((sum(g) - share * len(g)) ** 2 for g in groups) / n ** 2
+        effective = n / max(1.0, between / (share * (1 - share) / n))
+    else:
+        effective = len(groups)
+    return wilson_interval(share * effective, effective)
 
 
 def write_stats(out_dir, attempts, bad_videos, targets, seconds, made, exhausted=0):
@@ -620,7 +642,8 @@ def main(argv=None):
         checked = stats["audit_against_given_answers"]
         rate = lambda side: f"{100 * checked[side]['accuracy']:.1f}% [{100 * checked[side]['interval'][0]:.1f}, " \
                             f"{100 * checked[side]['interval'][1]:.1f}]"
-        print(f"against the answers given with the videos ({checked['pairs']} pairs): the chosen answer is right "
+        print(f"against the answers given with the videos ({checked['pairs']} pairs, {checked['videos']} videos): "
+              f"the chosen answer is right "
               f"{rate('chosen')}, the rejected one {rate('rejected')}")
     if stats["kept"] == 0:
         raise InputError(f"{args.out}: no pair survived the filters ({stats['dropped_by']})")

@@ -407,18 +407,19 @@ def load_policy(args, device):
 
 
 def accumulate_gradients(model, processor, pairs, encoded, reference, micro_batches, args, device):
-    """Forward and backward over one optimizer step's micro-batches of pairs on this rank: the mean metrics."""
-    totals = {}
+    """Forward and backward over one optimizer step's micro-batches of pairs on this rank: the metrics'
+    means over its pairs (a smaller last micro-batch weighs as its pairs do), and `pairs`, their number."""
+    totals, count = {}, sum(len(micro) for micro in micro_batches)
     for micro in micro_batches:
         sums, counts = rows_logps(model, processor, [encoded[i] for i in micro], device, args.shared_prompt,
                                   args.fused_head)
         ref = torch.tensor([reference[str(pairs[i]["id"])] for i in micro], device=device)
         loss, metrics = dpo_loss(sums[0::2], sums[1::2], ref[:, 0], ref[:, 1],
                                  chosen_nll(sums, counts, args.sft_norm), args.beta, args.alpha)
-        (loss / len(micro_batches)).backward()
+        (loss * len(micro) / count).backward()  # the step's loss is the mean over its pairs
         for key, value in dict(metrics, loss=loss.item()).items():
-            totals[key] = totals.get(key, 0.0) + value / len(micro_batches)
-    return totals
+            totals[key] = totals.get(key, 0.0) + value * len(micro) / count
+    return {**totals, "pairs": count}
 
 
 def train(args):

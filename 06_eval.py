@@ -530,8 +530,10 @@ def prediction_record(variant, bench, item, predicted, raw):
 def paired_difference(pairs, z=1.96):
     """Accuracy difference over the same items, from [(mine correct, base correct)]: the difference,
     its 95% interval (Wald with Agresti-Min's 0.5 added to each cell of the 2x2 table, which keeps its
-    coverage near 95% at small n) and the exact McNemar p-value (a binomial test on the items where
-    the two disagree)."""
+    coverage near 95% at small n; within [-1, 1]) and the exact McNemar p-value (a binomial test on the
+    items where the two disagree). Significant only when both say so: the interval excludes 0 and p <
+    0.05 (with few items that changed, e.g. 5 gained and none lost, the interval can exclude 0 while
+    p = 0.0625)."""
     n = len(pairs)
     gained = sum(m and not b for m, b in pairs)
     lost = sum(b and not m for m, b in pairs)
@@ -540,9 +542,11 @@ def paired_difference(pairs, z=1.96):
     half = z * math.sqrt(max(g + l - (g - l) ** 2 / m, 0.0)) / m
     discordant = gained + lost
     tail = sum(math.comb(discordant, k) for k in range(min(gained, lost) + 1)) / 2 ** discordant
-    interval = [round(difference - half, 4), round(difference + half, 4)]
+    interval = [round(max(-1.0, difference - half), 4), round(min(1.0, difference + half), 4)]
+    p_value = min(1.0, 2 * tail)
     return {"items": n, "gained": gained, "lost": lost, "difference": round((gained - lost) / n, 4) if n else 0.0,
-            "interval": interval, "p_value": round(min(1.0, 2 * tail), 4), "significant": interval[0] > 0 or interval[1] < 0}
+            "interval": interval, "p_value": round(p_value, 4),
+            "significant": (interval[0] > 0 or interval[1] < 0) and p_value < 0.05}
 
 
 def score_cell(predictions, base=None):
@@ -603,8 +607,8 @@ def summarize(predictions, skipped, formats=None):
 
 
 def format_cell(cell):
-    """"52.3 [47.1, 57.4]" and, beside the base model, "+2.7 [-1.0, +6.4] p=0.21" (n.s.: the interval
-    of the paired difference includes 0)."""
+    """"52.3 [47.1, 57.4]" and, beside the base model, "+2.7 [-1.0, +6.4] p=0.21" (n.s.: not significant,
+    see paired_difference)."""
     if cell is None:
         return "-"
     low, high = cell["interval"]
@@ -612,7 +616,8 @@ def format_cell(cell):
     if "vs_base" in cell:
         d = cell["vs_base"]
         low, high = d["interval"]
-        text += (f"<br>{100 * d['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], p={d['p_value']:.2g}"
+        p = f"p={d['p_value']:.2g}" if d["p_value"] >= 1e-4 else "p<0.0001"
+        text += (f"<br>{100 * d['difference']:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}], {p}"
                  + ("" if d["significant"] else " n.s."))
     return text
 
@@ -658,7 +663,7 @@ def write_results(out, predictions, skipped, meta):
         f.write("# Temporal benchmarks\n\n"
                 "Accuracy in % with its 95% interval (Wilson), n items per column. Beside the base model: the "
                 "difference from it on the same items, its 95% interval, and the exact McNemar p-value; "
-                "n.s.: not significant (the interval includes 0).\n"
+                "n.s.: not significant (the interval includes 0, or p >= 0.05).\n"
                 f"Scoring: {meta.get('mode', '?')}; prompts: {meta.get('prompt', '?')}; "
                 f"frames per video: {meta.get('num_frames', '?')}.\n\n{table}\n"
                 + ("\nUnparsed replies:\n\n" + "".join(f"- {line}\n" for line in unparsed) if unparsed else "")

@@ -21,9 +21,11 @@
 #   PAIR_RATIO  localized:comprehensive TPO pairs (default: 0:1 with the toy model, which cannot write questions of
 #               its own and is asked 02's, else 5:5)
 #   JUDGE       1: the model judges its pairs; 0: cheap rules only (default: 0 for the toy model, 1 otherwise)
+#   WORLD_STEPS with the toy model, optimizer steps for its second T3 adapter, t3_world (default: 400)
 #   NUM_FRAMES  frames per video in every stage (default: 8)
 #   TEMPERATURE sampling temperature for pair answers (default: 0 = greedy)
-#   PROBE_VIDEOS probe videos per aspect in stage 02 (default: 60)
+#   PROBE_VIDEOS probe videos per aspect in stage 02, a third of them test videos (default: 150 with the toy model,
+#               500 test items on the probe benchmark, else 60)
 #   PROBE_SEEDS probe trainings per aspect (default: 2)
 #   BENCH       extra benchmarks for stage 06, space-separated [NAME=]FILE (e.g. "videomme=/data/videomme.json")
 #   VIDEO_ROOT  folder of those benchmarks' videos
@@ -52,6 +54,10 @@ if [ -z "${MODEL:-}" ]; then
   # in video instruction data): without them, training on text alone costs it its sight
   STEPS=${STEPS:-200}
   BATCH=${BATCH:-16}
+  # stage 01's tasks do not reach this small a model's videos (README, "The toy world"); a second T3 adapter,
+  # t3_world, trains on text only too: 02's temporal questions about its training videos, told in the toy's words
+  WORLD_STEPS=${WORLD_STEPS:-400}
+  PROBE_VIDEOS=${PROBE_VIDEOS:-150}  # enough test videos for that adapter's gain to show with its interval
   if [ -z "${MIX:-}" ]; then
     MIX="$OUT/mix/mix.jsonl"
     [ -f "$MIX" ] || python -c 'import importlib.util as u, sys; s = u.spec_from_file_location("pretrain", "toy_world/pretrain.py")
@@ -93,26 +99,29 @@ import json, sys
 report = json.load(open(sys.argv[1]))
 controls = report.get("controls", [])
 rows = [row for aspect, row in report["aspects"].items() if aspect not in controls]
-mean = lambda key: 100 * sum(r[key] for r in rows) / len(rows)
-print(f"   mean over {len(rows)} temporal aspects: chance {mean('chance'):.1f}, probe {max(mean('probe_linear'), mean('probe_temporal')):.1f}, "
-      f"text LLM {mean('text_llm'):.1f}, video LLM {mean('video_llm'):.1f}")
+
+def mean(key):  # % over the aspects, each alike, with a 95% interval from each aspect's Agresti-Coull variance (as 02's)
+    m = sum(r[key] for r in rows) / len(rows)
+    adjusted = [((r[key] * r["test_videos"] + 2) / (r["test_videos"] + 4), r["test_videos"] + 4) for r in rows]
+    half = 1.96 * sum(p * (1 - p) / n for p, n in adjusted) ** 0.5 / len(rows)
+    return f"{100 * m:.1f} [{100 * (m - half):.1f}, {100 * (m + half):.1f}]"
+
+probe = max(("probe_linear", "probe_temporal"), key=lambda k: sum(r[k] for r in rows))
+print(f"   mean over {len(rows)} temporal aspects ({sum(r['test_videos'] for r in rows)} test videos): chance "
+      f"{100 * sum(r['chance'] for r in rows) / len(rows):.1f}, the better probe ({probe[6:]}) {mean(probe)}, "
+      f"text LLM {mean('text_llm')}, video LLM {mean('video_llm')}")
 for aspect in controls:
     row = report["aspects"][aspect]
-    print(f"   order-free control ({aspect}): chance {100 * row['chance']:.1f}, video LLM {100 * row['video_llm']:.1f}")
+    low, high = row["video_llm_interval"]
+    print(f"   order-free control ({aspect}, {row['test_videos']} test videos): chance {100 * row['chance']:.1f}, "
+          f"video LLM {100 * row['video_llm']:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
 PY
 
-if [ -z "${VIDEOS:-}" ]; then  # the toy world's own videos, from 02's probe training split (never its test videos),
-  # with 02's question about each; its answer is given only for 04 to audit the pairs with, never to make them
-  VIDEOS="$OUT/02/tpo_videos.jsonl"
-  python - "$OUT/02/videos.jsonl" "$VIDEOS" <<'PY'
-import json, sys
-with open(sys.argv[2], "w") as f:
-    for line in open(sys.argv[1]):
-        r = json.loads(line)
-        if r["split"] == "train":
-            f.write(json.dumps({"id": r["id"], "video": r["video"], "question": r["question"], "options": r["options"],
-                                "answer": r["options"][r["label"]]}) + "\n")
-PY
+if [ -n "${TOY:-}" ]; then  # the toy world's own temporal questions about 02's training videos (never its test
+  # videos): in text for t3_world, and as 04's video list, with 02's answers given only for 04 to audit its pairs
+  python -c 'import importlib.util as u, sys; s = u.spec_from_file_location("pretrain", "toy_world/pretrain.py")
+m = u.module_from_spec(s); s.loader.exec_module(m); m.write_world_questions(*sys.argv[1:])' "$OUT/02" "$PROBE_VIDEOS" "$SEED" "$NUM_FRAMES"
+  VIDEOS=${VIDEOS:-"$OUT/02/tpo_videos.jsonl"}
 fi
 
 echo "== 03 QLoRA fine-tuning on T3 text tasks -> $OUT/03"
@@ -125,9 +134,24 @@ import json, sys
 log = [json.loads(line) for line in open(sys.argv[1])]
 train = [e["loss"] for e in log if e["event"] == "train"]
 evals = [e for e in log if e["event"] == "eval"]
-print(f"   loss {sum(train[:5]) / 5:.3f} -> {sum(train[-5:]) / 5:.3f}; T3 validation accuracy on {evals[-1]['items']} "
-      f"records, letter log-likelihood (06's t3_val scoring): {evals[0]['letter']['all']:.3f} -> {evals[-1]['letter']['all']:.3f}")
+
+def wilson(share, n, z=1.96):  # "0.310 [0.229, 0.405]": a share of n with its 95% Wilson interval
+    centre, half = (share + z * z / (2 * n)) / (1 + z * z / n), z * (share * (1 - share) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return f"{share:.3f} [{centre - half:.3f}, {centre + half:.3f}]"
+
+first, last = train[:5], train[-5:]
+print(f"   loss {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f} (mean of the first and last {len(last)} steps); "
+      f"T3 validation accuracy on {evals[-1]['items']} records, letter log-likelihood (06's t3_val scoring): "
+      f"{wilson(evals[0]['letter']['all'], evals[0]['items'])} -> {wilson(evals[-1]['letter']['all'], evals[-1]['items'])}")
 PY
+
+if [ -n "${TOY:-}" ]; then
+  echo "== 03 the same on the toy world's own temporal questions in text (t3_world) -> $OUT/03_world"
+  rm -rf "$OUT/03_world"
+  python 03_train_t3.py --model "$MODEL" --train "$OUT/02/world_text.jsonl" --out "$OUT/03_world" --max-steps "$WORLD_STEPS" \
+    --save-every "$WORLD_STEPS" --batch-size "$BATCH" --grad-accum 1 --lr 2e-3 --seed "$SEED" \
+    --mix "$MIX" --mix-ratio 0.2 --num-frames "$NUM_FRAMES"
+fi
 
 echo "== 04 TPO preference pairs from $VIDEOS -> $OUT/04"
 rm -rf "$OUT/04"
@@ -152,24 +176,34 @@ python - "$OUT/05/train_log.jsonl" <<'PY'
 import json, sys
 log = [json.loads(line) for line in open(sys.argv[1])]
 first, last = log[:5], log[-5:]
-mean = lambda rows, key: sum(r[key] for r in rows) / len(rows)
+
+def wilson(share, n, z=1.96):  # "0.31 [0.23, 0.41]": a share of n with its 95% Wilson interval
+    centre, half = (share + z * z / (2 * n)) / (1 + z * z / n), z * (share * (1 - share) / n + z * z / (4 * n * n)) ** 0.5 / (1 + z * z / n)
+    return f"{share:.2f} [{centre - half:.2f}, {centre + half:.2f}]"
+
+def over_pairs(rows, key):  # a metric's mean over the pairs of these steps, and their number
+    n = sum(r["pairs"] for r in rows)
+    return sum(r[key] * r["pairs"] for r in rows) / n, n
+
 print(f"   step 1: DPO term {log[0]['dpo']:.4f} (ln 2 = 0.6931: the policy starts at the reference), margin {log[0]['margin']:+.1e}")
-print(f"   reward accuracy {mean(first, 'reward_accuracy'):.2f} -> {mean(last, 'reward_accuracy'):.2f}; "
-      f"reward margin {mean(first, 'margin'):.3f} -> {mean(last, 'margin'):.3f}")
+print(f"   on the training pairs of the first and last {len(last)} steps ({over_pairs(last, 'margin')[1]} pairs): reward accuracy "
+      f"{wilson(*over_pairs(first, 'reward_accuracy'))} -> {wilson(*over_pairs(last, 'reward_accuracy'))}; "
+      f"reward margin {over_pairs(first, 'margin')[0]:.3f} -> {over_pairs(last, 'margin')[0]:.3f}")
 held = [e for e in log if "val_reward_accuracy" in e]
 if held:
-    print(f"   held-out pairs ({held[-1]['val_pairs']}): reward accuracy {held[-1]['val_reward_accuracy']:.2f}, "
+    print(f"   held-out pairs ({held[-1]['val_pairs']}): reward accuracy {wilson(held[-1]['val_reward_accuracy'], held[-1]['val_pairs'])}, "
           f"margin {held[-1]['val_margin']:.3f}")
 PY
 
-echo "== 06 temporal benchmarks: base, +T3, +T3+TPO -> $OUT/06"
+echo "== 06 temporal benchmarks: base, +T3, +T3+TPO${TOY:+, +T3 on the toy world questions (t3_world)} -> $OUT/06"
 BENCHES=(--bench "$OUT/02/probe_bench.jsonl" --bench "$OUT/02/probe_control_bench.jsonl" --bench "$OUT/01/t3_val.jsonl")
 for spec in ${BENCH:-}; do BENCHES+=(--bench "$spec"); done
-python 06_eval.py --model "$MODEL" --adapter t3="$OUT/03" --adapter t3+tpo="$OUT/05" "${BENCHES[@]}" \
+python 06_eval.py --model "$MODEL" --adapter t3="$OUT/03" --adapter t3+tpo="$OUT/05" \
+  ${TOY:+--adapter t3_world="$OUT/03_world"} "${BENCHES[@]}" \
   ${VIDEO_ROOT:+--video-root "$VIDEO_ROOT"} ${EVAL_LIMIT:+--limit "$EVAL_LIMIT"} --num-frames "$NUM_FRAMES" \
   --out "$OUT/06" > "$OUT/06.log"
 echo
 cat "$OUT/06/results.md"
 echo
-echo "== done. Per stage: $OUT/01 T3 tasks, $OUT/02 probe report, $OUT/03 T3 adapter, $OUT/04 TPO pairs,"
+echo "== done. Per stage: $OUT/01 T3 tasks, $OUT/02 probe report, $OUT/03 T3 adapter${TOY:+ (and $OUT/03_world)}, $OUT/04 TPO pairs,"
 echo "   $OUT/05 T3+TPO adapter, $OUT/06 results (results.md, results.json, predictions.jsonl)"

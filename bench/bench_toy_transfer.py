@@ -94,41 +94,6 @@ def stage(log_dir, name, *argv):
     return time.perf_counter() - began
 
 
-def words_records(probe, probe_videos, split, control):
-    """02's question about each video of `split`, the frames in words, as stage 01 writes a multiple-choice
-    record; `probe` is stage 02's module, whose prompt and letters these are."""
-    records = []
-    for video in probe_videos:
-        if video["split"] != split or (video["aspect"] in probe.CONTROLS) != control:
-            continue
-        prompt = probe.TEXT_PREFIX.format(description=video["description"]) + probe.choice_prompt(video["question"], video["options"])
-        answer = probe.LETTERS[video["label"]]
-        records.append({"id": f"words-{video['id']}", "task": video["aspect"], "answer": answer,
-                        "options": [f"{probe.LETTERS[i]}. {o}" for i, o in enumerate(video["options"])],
-                        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
-    return records
-
-
-def reworded(probe, lines, probe_videos, num_videos, seed):
-    """02's videos with their frames described by `lines` (the toy world's frame_lines or stamped_lines:
-    its caption words) instead of 02's coordinates: the same questions and answers, in other words.
-    Scenes are rebuilt from 02's plans."""
-    plans = {p["id"]: p for p in probe.plan_videos(sorted({v["aspect"] for v in probe_videos}), num_videos, seed)}
-    out = []
-    for video in probe_videos:
-        states, shape, _ = probe.build_scene(plans[video["id"]])
-        frames = [states[t] for t in probe.uniform_indices(len(states), NUM_FRAMES)]
-        out.append({**video, "description": lines(frames, shape)})
-    return out
-
-
-def tpo_videos(probe, probe_videos):
-    """02's training videos as stage 04's video list (relative to the work folder), each with 02's question,
-    options and answer: 04 asks the question and only audits its pairs against the answer."""
-    return [{"id": v["id"], "video": os.path.join("02", v["video"]), "question": v["question"], "options": v["options"],
-             "answer": probe.LETTERS[v["label"]]} for v in probe_videos if v["split"] == "train"]
-
-
 def tpo_summary(work, name):
     """The pairs' audit (04's stats) and SET+tpo against SET on probe_bench, scored and written as 06 does."""
     evaluation = load_stage("06_eval.py")
@@ -151,11 +116,6 @@ def tpo_summary(work, name):
     return "\n".join(lines)
 
 
-def write_jsonl(path, records):
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
-
 def main(argv=None):
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,15 +124,15 @@ def main(argv=None):
         quantized = ["--no-4bit"] if args.no_4bit else []
         seconds = {"02": stage(work, "02", "02_probe.py", "--model", args.model, "--out", f"{work}/02", "--num-videos",
                                args.num_videos, "--num-frames", NUM_FRAMES, "--seeds", 1, "--seed", args.seed, *quantized)}
-        probe, probe_videos = load_stage("02_probe.py"), [json.loads(line) for line in open(f"{work}/02/videos.jsonl")]
-        train = {"words": words_records(probe, probe_videos, "train", control=False),
-                 "control": words_records(probe, probe_videos, "train", control=True)}
-        write_jsonl(f"{work}/words_test.jsonl", words_records(probe, probe_videos, "test", control=False))
+        probe_videos = [json.loads(line) for line in open(f"{work}/02/videos.jsonl")]
         pretrain = load_stage(os.path.join("toy_world", "pretrain.py"))
+        train = {"words": pretrain.told_records(probe_videos, "train"),
+                 "control": pretrain.told_records(probe_videos, "train", control=True)}
+        pretrain.write_jsonl(f"{work}/words_test.jsonl", pretrain.told_records(probe_videos, "test"))
         for name, lines in (("caption_words", pretrain.frame_lines), ("stamped", pretrain.stamped_lines)):
-            told = reworded(probe, lines, probe_videos, args.num_videos, args.seed)
-            train[name] = words_records(probe, told, "train", control=False)
-            write_jsonl(f"{work}/{name}_test.jsonl", words_records(probe, told, "test", control=False))
+            told = pretrain.retold(probe_videos, lines, args.num_videos, args.seed, NUM_FRAMES)
+            train[name] = pretrain.told_records(told, "train")
+            pretrain.write_jsonl(f"{work}/{name}_test.jsonl", pretrain.told_records(told, "test"))
         if "t3" in args.sets:
             seconds["01"] = stage(work, "01", "01_synthesize.py", "--out", f"{work}/01", "--captions",
                                   os.path.join(args.model, "captions.jsonl"), "--num-train", args.steps * args.batch_size,
@@ -185,14 +145,14 @@ def main(argv=None):
         for name in args.sets:
             path = f"{work}/01/t3_train.jsonl" if name == "t3" else f"{work}/{name}_train.jsonl"
             if name != "t3":
-                write_jsonl(path, train[name])
+                pretrain.write_jsonl(path, train[name])
             seconds[f"03 {name}"] = stage(work, f"03_{name}", "03_train_t3.py", "--model", args.model, "--train", path,
                                           "--out", f"{work}/03_{name}", "--max-steps", args.steps, "--batch-size",
                                           args.batch_size, "--grad-accum", 1, "--lr", args.lr, "--save-every", args.steps,
                                           "--seed", args.seed, *mix, *quantized)
             adapters += ["--adapter", f"{name}={work}/03_{name}"]
         if args.tpo:
-            write_jsonl(f"{work}/tpo_videos.jsonl", tpo_videos(probe, probe_videos))
+            pretrain.write_jsonl(f"{work}/tpo_videos.jsonl", pretrain.given_questions(probe_videos, "02"))
             seconds["04"] = stage(work, "04", "04_build_pairs.py", "--model", args.model, "--adapter", f"{work}/03_{args.tpo}",
                                   "--videos", f"{work}/tpo_videos.jsonl", "--out", f"{work}/04", "--num-pairs", args.tpo_pairs,
                                   "--ratio", "0:1", "--num-frames", NUM_FRAMES, "--sparse-frames", 2, "--max-new-tokens", 8,

@@ -165,10 +165,25 @@ def test_a_multiple_choice_question_is_asked_with_its_options_and_audits_the_pai
     stats = pairs_stage.write_stats(tmp_path, logged, [], targets, 1.0, 2)
     checked = stats["audit_against_given_answers"]
     assert checked["pairs"] == 2 and checked["chosen"]["right"] == 1 and checked["rejected"]["right"] == 1
+    assert checked["videos"] == 1
     assert stats["dropped_by"]["not_an_option"] == 2
     del video["answer"]  # no answer given: nothing to audit
     plain = pairs_stage.keep_results([dict(results[3], video=video)], kept, {"localized": 0, "comprehensive": 9}, tmp_path)[1]
     assert "audit_against_given_answers" not in pairs_stage.write_stats(tmp_path, plain, [], targets, 1.0, 1)
+
+
+def test_the_audit_counts_a_videos_pairs_as_one_cluster():
+    """Pairs of one video share its chosen answer: ten copies of one video's pair are not ten
+    independent checks. Single pairs per video give Wilson's interval; clustered ones a wider one."""
+    single = [[True]] * 93 + [[False]] * 107
+    assert pairs_stage.interval_over_videos(single) == pytest.approx(pairs_stage.wilson_interval(93, 200), abs=1e-3)
+    clustered = [[True] * 10] * 9 + [[False] * 10] * 11  # 200 pairs, 20 videos, each video all right or all wrong
+    low, high = pairs_stage.interval_over_videos(clustered)
+    assert low == pytest.approx(pairs_stage.wilson_interval(9, 20)[0], abs=0.01) and high - low > 0.35
+    assert pairs_stage.interval_over_videos([[True] * 12] * 2) == pairs_stage.wilson_interval(2, 2)  # all right: 2 videos
+    kept = [{"id": f"p{i}", "video": f"v{i % 3}", "right": {"chosen": True, "rejected": i % 2 == 0}} for i in range(6)]
+    checked = pairs_stage.audit(kept)
+    assert (checked["pairs"], checked["videos"], checked["chosen"]["right"], checked["rejected"]["right"]) == (6, 3, 6, 3)
 
 
 @pytest.mark.parametrize("record, message", [

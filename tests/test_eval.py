@@ -59,6 +59,20 @@ def test_paired_difference_counts_only_the_items_that_changed():
     assert same["difference"] == 0 and same["p_value"] == 1.0 and not same["significant"]
 
 
+def test_a_difference_is_significant_only_when_its_interval_and_its_p_value_agree():
+    few = evaluation.paired_difference([(True, False)] * 5 + [(True, True)] * 10)  # 5 gained, none lost
+    assert few["interval"][0] > 0 and few["p_value"] == 0.0625 and not few["significant"]
+    assert format_row(few).endswith("p=0.062 n.s.")
+    every = evaluation.paired_difference([(True, False)] * 10)  # the interval stays within [-1, 1]
+    assert every["interval"][1] == 1.0 and every["significant"]
+    many = evaluation.paired_difference([(True, False)] * 40 + [(False, False)] * 60)
+    assert format_row(many) == "+40.0 [+29.5, +48.9], p<0.0001"
+
+
+def format_row(difference):
+    return evaluation.format_cell({"accuracy": 0.5, "interval": [0.4, 0.6], "vs_base": difference}).split("<br>")[1]
+
+
 def prediction(model, item, correct, parsed=True, **groups):
     return {"model": model, "bench": "b", "id": item, "groups": groups or {"task_type": "t"},
             "answer": "A", "prediction": "A" if parsed else None, "correct": correct}

@@ -257,6 +257,15 @@ def test_the_verdict_waits_for_intervals_that_do_not_overlap():
     assert probe.verdict(rows(4)).startswith("Not enough test videos to tell")
     assert "the language model is the bottleneck (points above chance" in probe.verdict(rows(200))
     assert probe.mean_lift(rows(200), "probe_linear")["lift"] == pytest.approx(0.35)
+    assert "the better of each two: linear probes +35.0 [" in probe.verdict(rows(200))
+    assert ", language model from text +5.0 [" in probe.verdict(rows(200))
+
+
+def test_an_aspect_at_0_or_100_percent_still_counts_as_uncertain():
+    """12 of 12 right on every aspect is not certainty: the mean lift's interval keeps a width."""
+    rows = {a: {"chance": 0.5, "probe_linear": 1.0, "test_videos": 12} for a in ("size", "light")}
+    low, high = probe.mean_lift(rows, "probe_linear")["interval"]
+    assert low < 0.5 - 0.05 and high > 0.5
 
 
 def test_the_control_is_kept_out_of_the_verdicts_means_and_says_whether_the_model_sees():
@@ -275,6 +284,8 @@ def test_the_control_is_kept_out_of_the_verdicts_means_and_says_whether_the_mode
     assert "it does not see the objects" in probe.verdict(control(0.26, 0.99))
     assert "and the text LLM is not above chance either: the language model or the answer format fails" in probe.verdict(control(0.26, 0.25))
     assert "Not enough videos in the order-free control to tell" in probe.verdict(control(0.5, 0.99, n=4))  # 2 of 4: [15.0, 85.0]
+    assert "The video LLM is below chance on the order-free control (-25.0 [" in probe.verdict(control(0.0, 0.99, n=40))
+    assert "Not enough videos in the order-free control to tell" in probe.verdict(control(0.125, 0.99, n=8))  # [2.2, 47.1]
     assert probe.verdict({"appearance": control(0.95, 0.99)["appearance"]}).startswith("No temporal aspect was measured.")
 
 

@@ -128,7 +128,7 @@ def test_toy_model_sees_but_does_not_reason_about_time(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_MODEL, "model.safetensors")), reason="no shipped toy model")
-def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path, monkeypatch):
+def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path):
     """The T3 finding on fewer items, through the stages as they ship: stage 02 renders "which object
     appears first" videos; stage 03 trains a 4-bit QLoRA adapter on that question about its training
     videos told in text only (each frame a line of the toy's caption words after its time, as
@@ -137,16 +137,13 @@ def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path, mon
     videos better, the difference's interval above 0. A change that breaks what carries a skill from
     text to video (a stage's prompt or markers, 06's scoring, the adapter's loading, the toy model's
     frames written as words) fails here. Then stage 04 builds TPO pairs with that adapter (below)."""
-    bench = load_bench(monkeypatch)
     result = run_in_process("02_probe.py", "--model", TOY_MODEL, "--out", tmp_path / "02", "--aspects", "order_of_two",
                             "--num-videos", 240, "--num-frames", 8, "--seeds", 1)
     assert result.returncode == 0, result.stderr[-2000:]
-    probe, pretrain = bench.load_stage("02_probe.py"), load_pretrain()
-    videos = [json.loads(line) for line in open(tmp_path / "02" / "videos.jsonl")]
-    told = bench.reworded(probe, pretrain.stamped_lines, videos, 240, seed=0)
-    bench.write_jsonl(tmp_path / "text.jsonl", bench.words_records(probe, told, "train", control=False))
+    pretrain = load_pretrain()
+    text, listing = pretrain.write_world_questions(tmp_path / "02", 240, seed=0)  # as run_all.sh writes them for the toy
     mix = pretrain.write_video_instructions(str(tmp_path / "mix"), 100, seed=0)
-    result = run_in_process("03_train_t3.py", "--model", TOY_MODEL, "--train", tmp_path / "text.jsonl", "--out", tmp_path / "03",
+    result = run_in_process("03_train_t3.py", "--model", TOY_MODEL, "--train", text, "--out", tmp_path / "03",
                             "--max-steps", 100, "--batch-size", 16, "--grad-accum", 1, "--lr", 2e-3, "--save-every", 100,
                             "--mix", mix, "--num-frames", 8)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -161,8 +158,6 @@ def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path, mon
     # Stage 04 with that adapter, asked 02's question about the training videos: a pair's chosen answer
     # comes from 8 frames, its rejected one from 2, so the chosen one must be right far more often. Views
     # swapped, or the frames not passed, fail here. The answers are given only for stage 04's audit.
-    listing = tmp_path / "tpo_videos.jsonl"
-    bench.write_jsonl(listing, bench.tpo_videos(probe, videos))  # the video list the bench's --tpo gives 04
     result = run_in_process("04_build_pairs.py", "--model", TOY_MODEL, "--adapter", tmp_path / "03", "--videos", listing,
                             "--out", tmp_path / "04", "--num-pairs", 24, "--ratio", "0:1", "--num-frames", 8,
                             "--sparse-frames", 2, "--max-new-tokens", 4, "--max-attempts", 10, "--no-judge")
@@ -191,12 +186,13 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, 
         question, options, _ = probe.ASPECTS[plan["aspect"]]
         videos.append({**plan, "question": question, "options": options,
                        "description": probe.describe(states, shape, probe.uniform_indices(len(states), 8))})
-    temporal = bench.words_records(probe, videos, "train", control=False)
-    control = bench.words_records(probe, videos, "test", control=True)
+    pretrain = load_pretrain()
+    temporal = pretrain.told_records(videos, "train")
+    control = pretrain.told_records(videos, "test", control=True)
     assert {r["task"] for r in temporal} == {"order_of_three"} and {r["task"] for r in control} == {"appearance"}
     assert len(temporal) == sum(v["split"] == "train" and v["aspect"] == "order_of_three" for v in videos) == 3
     path = tmp_path / "words.jsonl"
-    bench.write_jsonl(path, temporal + control)
+    pretrain.write_jsonl(path, temporal + control)
     assert len(train.load_records(str(path))) == len(temporal) + len(control)
     by_id = {f"words-{v['id']}": v for v in videos}
     for number, record in enumerate(temporal + control, 1):
@@ -206,9 +202,8 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, 
         assert item["prompt"] == asked and item["options"] == video["options"] and item["answer"] == video["label"]
     # the same test videos in the caption words the toy was pretrained on, numbered or stamped with their
     # times: same questions and answers, other words
-    pretrain = load_pretrain()
     for lines_of in (pretrain.frame_lines, pretrain.stamped_lines):
-        reworded = bench.words_records(probe, bench.reworded(probe, lines_of, videos, 9, seed=0), "test", control=True)
+        reworded = pretrain.told_records(pretrain.retold(videos, lines_of, 9, seed=0), "test", control=True)
         assert [(r["id"], r["answer"], r["options"]) for r in reworded] == [(r["id"], r["answer"], r["options"]) for r in control]
         for record, original in zip(reworded, control):
             video = by_id[record["id"]]

@@ -207,6 +207,66 @@ def write_video_instructions(out_dir, count, seed):
     return path
 
 
+# ---------------------------------------------------------------- stage 02's questions, told in text
+
+def told_records(probe_videos, split, control=False):
+    """02's question about each video of `split` (from its videos.jsonl, or as `retold` gives them), the
+    frames told in text (the video's "description"), as stage 01 writes a multiple-choice record: the
+    prompt 02 gives its text-only LLM, the options and the answer's letter. Only the temporal aspects,
+    or with `control` only the order-free ones."""
+    records = []
+    for video in probe_videos:
+        if video["split"] != split or (video["aspect"] in PROBE.CONTROLS) != control:
+            continue
+        prompt = PROBE.TEXT_PREFIX.format(description=video["description"]) + PROBE.choice_prompt(video["question"], video["options"])
+        answer = PROBE.LETTERS[video["label"]]
+        records.append({"id": f"words-{video['id']}", "task": video["aspect"], "answer": answer,
+                        "options": [f"{PROBE.LETTERS[i]}. {o}" for i, o in enumerate(video["options"])],
+                        "conversations": [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]})
+    return records
+
+
+def retold(probe_videos, lines, num_videos, seed, num_frames=NUM_FRAMES):
+    """02's videos with the `num_frames` frames the stages sample told by `lines` (frame_lines or
+    stamped_lines: the toy's caption words) instead of 02's coordinates: the same questions and
+    answers, in other words. Scenes are rebuilt from 02's plans, so `num_videos` and `seed` must be
+    the ones 02 ran with."""
+    plans = {p["id"]: p for p in PROBE.plan_videos(sorted({v["aspect"] for v in probe_videos}), num_videos, seed)}
+    out = []
+    for video in probe_videos:
+        states, shape, _ = PROBE.build_scene(plans[video["id"]])
+        frames = [states[t] for t in PROBE.uniform_indices(len(states), num_frames)]
+        out.append({**video, "description": lines(frames, shape)})
+    return out
+
+
+def given_questions(probe_videos, folder=""):
+    """02's training videos as stage 04's video list (paths under `folder`, relative to the list's own
+    folder), each with 02's question, options and answer: 04 asks the question and only audits its pairs
+    against the answer."""
+    return [{"id": v["id"], "video": os.path.join(folder, v["video"]), "question": v["question"], "options": v["options"],
+             "answer": PROBE.LETTERS[v["label"]]} for v in probe_videos if v["split"] == "train"]
+
+
+def write_jsonl(path, records):
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(f"{path}.tmp", path)
+
+
+def write_world_questions(probe_dir, num_videos, seed, num_frames=NUM_FRAMES):
+    """The toy world's own temporal questions about 02's training videos (02 run into `probe_dir` with
+    `num_videos` and `seed`), written beside 02's videos.jsonl: world_text.jsonl, the questions in text
+    for a T3 adapter, each frame a line of the toy's caption words after its time as Qwen3-VL writes it
+    ("<0.8 seconds> a red circle on the left"); and tpo_videos.jsonl, stage 04's video list of the same
+    videos with the same questions. Returns the two paths."""
+    videos = [json.loads(line) for line in open(os.path.join(probe_dir, "videos.jsonl"))]
+    text, listing = os.path.join(probe_dir, "world_text.jsonl"), os.path.join(probe_dir, "tpo_videos.jsonl")
+    write_jsonl(text, told_records(retold(videos, stamped_lines, int(num_videos), int(seed), int(num_frames)), "train"))
+    write_jsonl(listing, given_questions(videos))
+    return text, listing
+
+
 # ---------------------------------------------------------------- examples as token ids
 
 class Encoder:
