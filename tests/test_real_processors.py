@@ -251,3 +251,49 @@ def test_stage_05_names_an_architecture_without_a_video_encoder(tiny_models, tmp
     assert exit_status.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(f"error: {tiny_models['qwen2_vl']}: qwen2_vl has no video encoder (get_video_features)"), last
+
+
+@pytest.fixture(scope="module")
+def qwen3_vl_two_frame_units(tmp_path_factory):
+    """A tiny Qwen3-VL with the released checkpoints' video layout: 2 frames to a temporal unit (one
+    "<t seconds>" each, at the mean time of its frames) and transformers' default video processor."""
+    import tiny_model
+    tokenizer, template = tiny_model.train_tokenizer("qwen2_vl", tiny_model.synthesize_corpus(seed=0), 1024)
+    torch.manual_seed(0)
+    model, processor = tiny_model.build_qwen3_vl(tokenizer, template, 64, 2, temporal_patch=2)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+    def write(tmp):
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    return tiny_model.write_atomically(str(tmp_path_factory.mktemp("qwen3_vl") / "model"), write)
+
+
+@pytest.mark.parametrize("count", [8, 7])
+def test_qwen3_vl_with_two_frames_a_unit_keeps_the_frames_and_stamps_each_unit(qwen3_vl_two_frame_units, count, tmp_path):
+    """The stage's frames are kept (not resampled at the processor's fps 2), grouped 2 to a unit, and each
+    unit's stamp is the mean time of its frames; an odd count repeats the last frame."""
+    write_video(tmp_path / "v.mp4", frames_for(40, seed=1), fps=8)
+    frames = t3.sample_frames(str(tmp_path / "v.mp4"), count)
+    processor = AutoProcessor.from_pretrained(qwen3_vl_two_frame_units)
+    inputs = evaluation.chat_inputs(processor, [(frames, "What happens?")], torch.device("cpu"))
+    units = (count + 1) // 2
+    assert inputs["video_grid_thw"][0, 0].item() == units
+    times = [i / 8 for i in frames.metadata["frames_indices"]]
+    times += times[-1:] * (2 * units - count)
+    stamps = re.findall(r"<([0-9.]+) seconds>", processor.tokenizer.decode(inputs["input_ids"][0]))
+    assert [float(x) for x in stamps] == pytest.approx([(times[i] + times[i + 1]) / 2 for i in range(0, 2 * units, 2)], abs=0.06)
+
+
+def test_qwen3_vl_with_two_frames_a_unit_runs_the_probe_and_the_evaluation(qwen3_vl_two_frame_units, tmp_path):
+    """Stage 02 pools its encodings per unit of 2 frames, and 06 scores its videos, on the released layout."""
+    result = run_stage("02_probe.py", "--model", qwen3_vl_two_frame_units, "--out", tmp_path / "02", "--aspects",
+                       "order_of_two,appearance", "--num-videos", 12, "--num-frames", 8, "--seeds", 1)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.load(open(tmp_path / "02" / "report.json"))
+    assert 0.0 <= report["aspects"]["order_of_two"]["probe_linear"] <= 1.0
+    result = run_stage("06_eval.py", "--model", qwen3_vl_two_frame_units, "--bench", tmp_path / "02" / "probe_bench.jsonl",
+                       "--num-frames", 8, "--out", tmp_path / "06")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.load(open(tmp_path / "06" / "results.json"))["results"]["base"]["probe_bench"]["total"] == 4

@@ -117,15 +117,17 @@ def build_qwen2_vl(tokenizer, template, hidden, layers):
     return Qwen2VLForConditionalGeneration(config), processor
 
 
-def build_qwen3_vl(tokenizer, template, hidden, layers, side=64, patch=16, vision_depth=2, vision_width=32):
+def build_qwen3_vl(tokenizer, template, hidden, layers, side=64, patch=16, vision_depth=2, vision_width=32,
+                   temporal_patch=1):
     """A Qwen3-VL whose every frame is its own temporal unit (temporal patch 1), so that each gets its
     own "<t seconds>" timestamp in the text; images of `side` pixels, and videos kept at their own
-    size, in patches of `patch` pixels merged 2 x 2."""
+    size, in patches of `patch` pixels merged 2 x 2. The released checkpoints merge 2 frames a unit
+    (temporal_patch=2) and their video processor keeps transformers' defaults (fps 2, frames sampled)."""
     from transformers import (Qwen2VLImageProcessor, Qwen3VLConfig, Qwen3VLForConditionalGeneration,
                               Qwen3VLProcessor, Qwen3VLVideoProcessor)
     image_size = {"shortest_edge": side * side, "longest_edge": side * side}
     video_size = {"shortest_edge": (2 * patch) ** 2, "longest_edge": 256 * side * side}  # up to 256 frames unscaled
-    patches = dict(patch_size=patch, merge_size=2, temporal_patch_size=1)
+    patches = dict(patch_size=patch, merge_size=2, temporal_patch_size=temporal_patch)
     processor = Qwen3VLProcessor(image_processor=Qwen2VLImageProcessor(size=image_size, **patches), tokenizer=tokenizer,
                                  video_processor=Qwen3VLVideoProcessor(size=video_size, cap_pixels_per_frame=True, **patches),
                                  chat_template=template)
@@ -138,7 +140,7 @@ def build_qwen3_vl(tokenizer, template, hidden, layers, side=64, patch=16, visio
             "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [half - 2 * space, space, space],
             "mrope_interleaved": True}),
         vision_config=dict(depth=vision_depth, hidden_size=vision_width, intermediate_size=2 * vision_width,
-                           num_heads=max(2, vision_width // 16), patch_size=patch, spatial_merge_size=2, temporal_patch_size=1,
+                           num_heads=max(2, vision_width // 16), patch_size=patch, spatial_merge_size=2, temporal_patch_size=temporal_patch,
                            out_hidden_size=hidden, num_position_embeddings=(side // patch) ** 2,
                            deepstack_visual_indexes=[]),
         image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
