@@ -230,13 +230,17 @@ def retold(probe_videos, lines, num_videos, seed, num_frames=NUM_FRAMES):
     """02's videos with the `num_frames` frames the stages sample told by `lines` (frame_lines or
     stamped_lines: the toy's caption words) instead of 02's coordinates: the same questions and
     answers, in other words. Scenes are rebuilt from 02's plans, so `num_videos` and `seed` must be
-    the ones 02 ran with."""
+    the ones 02 ran with (and `num_frames` its --num-frames): each rebuilt scene must give 02's own
+    description of the video, or this stops."""
     plans = {p["id"]: p for p in PROBE.plan_videos(sorted({v["aspect"] for v in probe_videos}), num_videos, seed)}
     out = []
     for video in probe_videos:
-        states, shape, _ = PROBE.build_scene(plans[video["id"]])
-        frames = [states[t] for t in PROBE.uniform_indices(len(states), num_frames)]
-        out.append({**video, "description": lines(frames, shape)})
+        states, shape, _ = PROBE.build_scene(plans[video["id"]]) if video["id"] in plans else (None, None, None)
+        shown_at = PROBE.uniform_indices(PROBE.RENDERED_FRAMES, num_frames)
+        if states is None or PROBE.describe(states, shape, shown_at) != video["description"]:
+            sys.exit(f"error: video {video['id']} is not stage 02's at --num-videos {num_videos} --seed {seed} "
+                     f"--num-frames {num_frames}: give the settings 02 ran with")
+        out.append({**video, "description": lines([states[t] for t in shown_at], shape)})
     return out
 
 
