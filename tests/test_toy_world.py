@@ -202,6 +202,8 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, 
         assert item["prompt"] == asked and item["options"] == video["options"] and item["answer"] == video["label"]
     # the same test videos in the caption words the toy was pretrained on, numbered or stamped with their
     # times: same questions and answers, other words
+    with pytest.raises(SystemExit, match="is not stage 02's at --num-videos 9 --seed 1 --num-frames 8"):
+        pretrain.retold(videos, pretrain.stamped_lines, 9, seed=1)  # other scenes than the videos': refused
     for lines_of in (pretrain.frame_lines, pretrain.stamped_lines):
         reworded = pretrain.told_records(pretrain.retold(videos, lines_of, 9, seed=0), "test", control=True)
         assert [(r["id"], r["answer"], r["options"]) for r in reworded] == [(r["id"], r["answer"], r["options"]) for r in control]
