@@ -570,7 +570,9 @@ def report(records, features, answers, args, meta):
         rows[aspect] = row
     summary = verdict(rows)
     with atomic_write(os.path.join(args.out, "report.json")) as f:
+        temporal = {aspect: row for aspect, row in rows.items() if aspect not in CONTROLS}
         json.dump({"meta": meta, "verdict": summary, "aspects": rows, "controls": [a for a in rows if a in CONTROLS],
+                   "temporal_means": {key: mean_lift(temporal, key) for key in ("probe_linear", "probe_temporal", "text_llm", "video_llm")},
                    "probe_runs": probes}, f, indent=1)
     columns = ["chance", "probe_linear", "probe_temporal", "text_llm", "video_llm"]
     columns += ["text_llm_generate", "video_llm_generate"] if args.generate else []

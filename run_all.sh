@@ -99,17 +99,12 @@ import json, sys
 report = json.load(open(sys.argv[1]))
 controls = report.get("controls", [])
 rows = [row for aspect, row in report["aspects"].items() if aspect not in controls]
-
-def mean(key):  # % over the aspects, each alike, with a 95% interval from each aspect's Agresti-Coull variance (as 02's)
-    m = sum(r[key] for r in rows) / len(rows)
-    adjusted = [((r[key] * r["test_videos"] + 2) / (r["test_videos"] + 4), r["test_videos"] + 4) for r in rows]
-    half = 1.96 * sum(p * (1 - p) / n for p, n in adjusted) ** 0.5 / len(rows)
-    return f"{100 * m:.1f} [{100 * (m - half):.1f}, {100 * (m + half):.1f}]"
-
-probe = max(("probe_linear", "probe_temporal"), key=lambda k: sum(r[k] for r in rows))
+chance, means = sum(r["chance"] for r in rows) / len(rows), report["temporal_means"]  # 02's means and 95% intervals
+mean = lambda key: (f"{100 * (chance + means[key]['lift']):.1f} [{100 * (chance + means[key]['interval'][0]):.1f}, "
+                    f"{100 * (chance + means[key]['interval'][1]):.1f}]")
+probe = max(("probe_linear", "probe_temporal"), key=lambda k: means[k]["lift"])
 print(f"   mean over {len(rows)} temporal aspects ({sum(r['test_videos'] for r in rows)} test videos): chance "
-      f"{100 * sum(r['chance'] for r in rows) / len(rows):.1f}, the better probe ({probe[6:]}) {mean(probe)}, "
-      f"text LLM {mean('text_llm')}, video LLM {mean('video_llm')}")
+      f"{100 * chance:.1f}, the better probe ({probe[6:]}) {mean(probe)}, text LLM {mean('text_llm')}, video LLM {mean('video_llm')}")
 for aspect in controls:
     row = report["aspects"][aspect]
     low, high = row["video_llm_interval"]

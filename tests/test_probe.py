@@ -297,6 +297,8 @@ def test_the_control_runs_apart_from_the_temporal_aspects(tiny_models, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.load(open(tmp_path / "report.json"))
     assert report["controls"] == ["appearance"] and "probe_linear" not in report["aspects"]["appearance"]
+    size = {"size": report["aspects"]["size"]}  # the verdict's means, over the temporal aspects only
+    assert report["temporal_means"] == {k: probe.mean_lift(size, k) for k in ("probe_linear", "probe_temporal", "text_llm", "video_llm")}
     assert set(report["probe_runs"]) == {"size"}
     assert "order-free control" in report["verdict"] and "| appearance (control, 4) | 25.0 | - | - |" in open(tmp_path / "report.md").read()
     for name, aspects in (("probe_bench", {"size"}), ("probe_control_bench", {"appearance"})):

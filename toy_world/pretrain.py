@@ -233,10 +233,10 @@ def retold(probe_videos, lines, num_videos, seed, num_frames=NUM_FRAMES):
     the ones 02 ran with (and `num_frames` its --num-frames): each rebuilt scene must give 02's own
     description of the video, or this stops."""
     plans = {p["id"]: p for p in PROBE.plan_videos(sorted({v["aspect"] for v in probe_videos}), num_videos, seed)}
+    shown_at = PROBE.uniform_indices(PROBE.RENDERED_FRAMES, num_frames)  # as 02 picks the frames it describes
     out = []
     for video in probe_videos:
         states, shape, _ = PROBE.build_scene(plans[video["id"]]) if video["id"] in plans else (None, None, None)
-        shown_at = PROBE.uniform_indices(PROBE.RENDERED_FRAMES, num_frames)
         if states is None or PROBE.describe(states, shape, shown_at) != video["description"]:
             sys.exit(f"error: video {video['id']} is not stage 02's at --num-videos {num_videos} --seed {seed} "
                      f"--num-frames {num_frames}: give the settings 02 ran with")
