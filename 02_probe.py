@@ -460,15 +460,20 @@ def ask(model, processor, records, out, args, device):
     return answers
 
 
-def answer_accuracy(records, answers, aspect, key):
-    """Accuracy of one way of answering (`text_scores`, `video_reply`, ...) on an aspect's test videos."""
+def answer_accuracy(records, answers, aspect, key, calibrate=False):
+    """Accuracy of one way of answering (`text_scores`, `video_reply`, ...) on an aspect's test videos;
+    with `calibrate`, of the scores once the model's prior over the option letters on this aspect's
+    test videos is divided out (calibrated_choices: no answer is used)."""
     by_id = {a["id"]: a for a in answers}
-    hits = []
-    for r in records:
-        if r["aspect"] == aspect and r["split"] == "test" and key in by_id.get(r["id"], {}):
-            value = by_id[r["id"]][key]
-            chosen = max(range(len(value)), key=value.__getitem__) if key.endswith("scores") else extract_choice(value, r["options"])
-            hits.append(chosen == r["label"])
+    tests = [r for r in records if r["aspect"] == aspect and r["split"] == "test" and key in by_id.get(r["id"], {})]
+    values = [by_id[r["id"]][key] for r in tests]
+    if calibrate:
+        chosen = calibrated_choices(values) if values else []
+    elif key.endswith("scores"):
+        chosen = [max(range(len(v)), key=v.__getitem__) for v in values]
+    else:
+        chosen = [extract_choice(v, r["options"]) for v, r in zip(values, tests)]
+    hits = [c == r["label"] for c, r in zip(chosen, tests)]
     return round(float(np.mean(hits)), 4) if hits else None
 
 
@@ -521,17 +526,23 @@ def sight(control):
                "and the text LLM is not above chance either: the language model or the answer format fails, not only sight."))
 
 
-BETTER_OF_TWO = {"probe_linear": "linear probes", "probe_temporal": "temporal probes",
-                 "text_llm": "language model from text", "video_llm": "language model from video"}
+COLUMN_NAMES = {"probe_linear": "linear probes", "probe_temporal": "temporal probes",
+                "text_llm": "language model from text", "video_llm": "language model from video",
+                "text_llm_calibrated": "language model from text, its letter prior divided out",
+                "video_llm_calibrated": "language model from video, its letter prior divided out"}
+PROBE_COLUMNS = ("probe_linear", "probe_temporal")
+LLM_COLUMNS = ("text_llm", "video_llm", "text_llm_calibrated", "video_llm_calibrated")
 
 
 def bottleneck(rows):
-    """Where the bottleneck is, from the mean lifts of the probes and the language model."""
-    probe = max(filter(None, (mean_lift(rows, k) for k in ("probe_linear", "probe_temporal"))), key=lambda x: x["lift"])
-    llm = max(filter(None, (mean_lift(rows, k) for k in ("text_llm", "video_llm"))), key=lambda x: x["lift"])
-    say = lambda x: (f"{BETTER_OF_TWO[x['key']]} {100 * x['lift']:+.1f} "
+    """Where the bottleneck is, from the mean lifts of the best probe and the best language-model column:
+    the language model is given its best showing, with its letter prior divided out too (a model that
+    tells the options apart but favours one letter is at chance only in its raw answers)."""
+    probe = max(filter(None, (mean_lift(rows, k) for k in PROBE_COLUMNS)), key=lambda x: x["lift"])
+    llm = max(filter(None, (mean_lift(rows, k) for k in LLM_COLUMNS)), key=lambda x: x["lift"])
+    say = lambda x: (f"{COLUMN_NAMES[x['key']]} {100 * x['lift']:+.1f} "
                      f"[{100 * x['interval'][0]:+.1f}, {100 * x['interval'][1]:+.1f}]")
-    lifts = f"(points above chance, mean over the temporal aspects, the better of each two: {say(probe)}, {say(llm)})"
+    lifts = f"(points above chance, mean over the temporal aspects, the best of each kind: {say(probe)}, {say(llm)})"
     if probe["interval"][1] < 0.1:
         return f"The visual encodings carry little temporal signal: the vision encoder is the bottleneck {lifts}."
     if probe["interval"][0] > llm["interval"][1]:
@@ -561,10 +572,11 @@ def report(records, features, answers, args, meta):
             row[f"probe_{kind}"], row[f"probe_{kind}_std"] = results["mean"], results["std"]
         for key in ("text", "video"):
             row[f"{key}_llm"] = answer_accuracy(records, answers, aspect, f"{key}_scores")
+            row[f"{key}_llm_calibrated"] = answer_accuracy(records, answers, aspect, f"{key}_scores", calibrate=True)
             if args.generate:
                 row[f"{key}_llm_generate"] = answer_accuracy(records, answers, aspect, f"{key}_reply")
         row["test_videos"] = sum(r["aspect"] == aspect and r["split"] == "test" for r in records)
-        for key in [k for k in row if k.endswith(("_llm", "_generate")) or k in ("probe_linear", "probe_temporal")]:
+        for key in [k for k in row if k.endswith(("_llm", "_generate", "_calibrated")) or k in PROBE_COLUMNS]:
             if row[key] is not None:  # probes: the interval of their mean accuracy over seeds, as one run's
                 row[f"{key}_interval"] = wilson_interval(round(row[key] * row["test_videos"]), row["test_videos"])
         rows[aspect] = row
@@ -572,9 +584,9 @@ def report(records, features, answers, args, meta):
     with atomic_write(os.path.join(args.out, "report.json")) as f:
         temporal = {aspect: row for aspect, row in rows.items() if aspect not in CONTROLS}
         json.dump({"meta": meta, "verdict": summary, "aspects": rows, "controls": [a for a in rows if a in CONTROLS],
-                   "temporal_means": {key: mean_lift(temporal, key) for key in ("probe_linear", "probe_temporal", "text_llm", "video_llm")},
+                   "temporal_means": {key: mean_lift(temporal, key) for key in PROBE_COLUMNS + LLM_COLUMNS},
                    "probe_runs": probes}, f, indent=1)
-    columns = ["chance", "probe_linear", "probe_temporal", "text_llm", "video_llm"]
+    columns = ["chance", *PROBE_COLUMNS, *LLM_COLUMNS]
     columns += ["text_llm_generate", "video_llm_generate"] if args.generate else []
     lines = ["| aspect (test videos) | " + " | ".join(c.replace("_", " ") for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for aspect, row in rows.items():
@@ -586,7 +598,9 @@ def report(records, features, answers, args, meta):
         f.write(f"# Temporal bottleneck: {meta.get('model')}\n\nAccuracy in % on the test videos (probes: mean ± std over "
                 f"{args.seeds} seeds), in brackets its 95% interval (Wilson) over the test videos. Probes read the "
                 "model's pooled visual encodings; the text LLM reads a frame-by-frame description; the video LLM sees "
-                f"{args.num_frames} frames.\n\n{table}\n\n{summary}\n")
+                f"{args.num_frames} frames. Calibrated: the same answers with the model's prior over the option letters "
+                "(its mean probability for each on the aspect's test videos; no answer is used) divided out, so that a "
+                f"model that tells the options apart but favours one letter is not taken for one at chance.\n\n{table}\n\n{summary}\n")
     print(table)
     print(summary)
 
@@ -1159,6 +1173,17 @@ def choice_logprobs(model, processor, requests, options, device, labels=None):
     last = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), -1)
     return [[round(float(torch.logsumexp(row[ids], 0)), 5) for ids in reply_token_ids(processor.tokenizer, opts, marks)]
             for row, opts, marks in zip(last, options, labels or [LETTERS] * len(options))]
+
+
+def calibrated_choices(score_lists):
+    """Batch calibration (Zhou et al., ICLR 2024): the option each item's scores (choice_logprobs; all
+    items with the same number of options) pick once the model's prior over the option letters is
+    divided out, that prior being its mean probability for each letter over these items. No answer is
+    used: a model that tells the options apart keeps its picks, one that favours a letter is left with
+    what it tells apart."""
+    probabilities = [torch.softmax(torch.tensor(scores, dtype=torch.float64), 0) for scores in score_lists]
+    prior = torch.stack(probabilities).mean(0)
+    return [int(torch.argmax(p / prior)) for p in probabilities]
 
 
 @torch.no_grad()

@@ -520,9 +520,12 @@ def with_letters(reply, labels):
 
 
 def prediction_record(variant, bench, item, predicted, raw):
-    return {"model": variant, "bench": bench, "id": item["id"], "groups": item["groups"],
-            "answer": LETTERS[item["answer"]], "prediction": None if predicted is None else LETTERS[predicted],
-            "correct": predicted in item["answers"], **raw}
+    record = {"model": variant, "bench": bench, "id": item["id"], "groups": item["groups"],
+              "answer": LETTERS[item["answer"]], "prediction": None if predicted is None else LETTERS[predicted],
+              "correct": predicted in item["answers"], **raw}
+    if len(item["answers"]) > 1:  # options that repeat the answer's text (MLVU): any of them is right
+        record["answers"] = [LETTERS[i] for i in item["answers"]]
+    return record
 
 
 # ---------------------------------------------------------------- results
@@ -561,6 +564,34 @@ def score_cell(predictions, base=None):
         cell["vs_base"] = paired_difference([(bool(p["correct"]), bool(base[p["id"]]["correct"]))
                                              for p in predictions if p["id"] in base])
     return cell
+
+
+CALIBRATION_MIN_ITEMS = 20  # fewest items whose mean estimates a model's prior over letters
+
+
+def calibrated(predictions):
+    """The log-likelihood predictions made again by batch calibration (calibrated_choices): each model's
+    prior over the option letters is estimated over the items of one task type with the same number
+    of options, or over all the benchmark's items with that many options where the task type has fewer
+    than CALIBRATION_MIN_ITEMS. A gain that is only a shift in the favoured letter vanishes here. Left
+    out: generated replies, and items of a benchmark with too few items to estimate a prior."""
+    pools = {}
+    for p in predictions:
+        if p.get("scores"):
+            key = (p["model"], p["bench"], len(p["scores"]))
+            pools.setdefault(key, {}).setdefault(p["groups"].get("task_type"), []).append(p)
+    remade = []
+    for by_task in pools.values():
+        everything = [p for pool in by_task.values() for p in pool]
+        for pool in by_task.values():
+            prior_pool = pool if len(pool) >= CALIBRATION_MIN_ITEMS else everything
+            if len(prior_pool) < CALIBRATION_MIN_ITEMS:
+                continue
+            picks = dict(zip(map(id, prior_pool), calibrated_choices([p["scores"] for p in prior_pool])))
+            for p in pool:
+                letter = LETTERS[picks[id(p)]]
+                remade.append({**p, "prediction": letter, "correct": letter in p.get("answers", [p["answer"]])})
+    return remade
 
 
 def group_order(value):
@@ -622,14 +653,15 @@ def format_cell(cell):
     return text
 
 
-def results_table(results):
-    """Markdown: models as rows; one table of benchmarks, then one per benchmark and grouping."""
+def results_table(results, recalibrated=None):
+    """Markdown: models as rows; one table of benchmarks (then, given `recalibrated`, the same after batch
+    calibration, see calibrated), then one per benchmark and grouping."""
     benches = list(dict.fromkeys(b for per_model in results.values() for b in per_model))
     first = {b: next(r[b] for r in results.values() if b in r) for b in benches}
 
-    def table(columns, titles, pick):
+    def table(columns, titles, pick, source=results):
         lines = ["| model | " + " | ".join(titles) + " |", "|---" * (len(columns) + 1) + "|"]
-        lines += [f"| {m} | " + " | ".join(format_cell(pick(results[m], c)) for c in columns) + " |" for m in results]
+        lines += [f"| {m} | " + " | ".join(format_cell(pick(source[m], c)) for c in columns) + " |" for m in source]
         return "\n".join(lines)
 
     parts = [table(benches, [f"{b} (n={first[b]['total']})" for b in benches], lambda r, b: r.get(b))]
@@ -637,6 +669,13 @@ def results_table(results):
     if means:
         parts.append("Mean over task types (each task weighted alike), beside the pooled accuracy above:\n\n" + table(
             means, [f"{b} ({first[b]['task_mean']['groups']} tasks)" for b in means], lambda r, b: r.get(b, {}).get("task_mean")))
+    if recalibrated:
+        names = list(dict.fromkeys(b for per_model in recalibrated.values() for b in per_model))
+        totals = {b: next(r[b] for r in recalibrated.values() if b in r)["total"] for b in names}
+        parts.append("With each model's prior over the option letters divided out (batch calibration: the prior is its "
+                     "mean probability for each letter over the items of a task type; no answer is used). A difference "
+                     "that holds here is in what the model tells apart, not in which letter it favours:\n\n" + table(
+                         names, [f"{b} (n={totals[b]})" for b in names], lambda r, b: r.get(b), recalibrated))
     for bench in benches:
         for group, values in first[bench]["by"].items():
             if len(values) > 1:
@@ -656,9 +695,10 @@ def unparsed_lines(results):
 
 def write_results(out, predictions, skipped, meta):
     results = summarize(predictions, skipped, meta.get("formats"))
+    recalibrated = summarize(calibrated(predictions), {})
     with atomic_write(os.path.join(out, "results.json")) as f:
-        json.dump({"meta": meta, "results": results}, f, indent=1)
-    table, unparsed = results_table(results), unparsed_lines(results)
+        json.dump({"meta": meta, "results": results, "calibrated": recalibrated}, f, indent=1)
+    table, unparsed = results_table(results, recalibrated), unparsed_lines(results)
     with atomic_write(os.path.join(out, "results.md")) as f:
         f.write("# Temporal benchmarks\n\n"
                 "Accuracy in % with its 95% interval (Wilson), n items per column. Beside the base model: the "
@@ -1342,6 +1382,17 @@ def choice_logprobs(model, processor, requests, options, device, labels=None):
     last = torch.log_softmax(model(**inputs, logits_to_keep=1).logits[:, -1].float(), -1)
     return [[round(float(torch.logsumexp(row[ids], 0)), 5) for ids in reply_token_ids(processor.tokenizer, opts, marks)]
             for row, opts, marks in zip(last, options, labels or [LETTERS] * len(options))]
+
+
+def calibrated_choices(score_lists):
+    """Batch calibration (Zhou et al., ICLR 2024): the option each item's scores (choice_logprobs; all
+    items with the same number of options) pick once the model's prior over the option letters is
+    divided out, that prior being its mean probability for each letter over these items. No answer is
+    used: a model that tells the options apart keeps its picks, one that favours a letter is left with
+    what it tells apart."""
+    probabilities = [torch.softmax(torch.tensor(scores, dtype=torch.float64), 0) for scores in score_lists]
+    prior = torch.stack(probabilities).mean(0)
+    return [int(torch.argmax(p / prior)) for p in probabilities]
 
 
 @torch.no_grad()

@@ -104,7 +104,8 @@ mean = lambda key: (f"{100 * (chance + means[key]['lift']):.1f} [{100 * (chance 
                     f"{100 * (chance + means[key]['interval'][1]):.1f}]")
 probe = max(("probe_linear", "probe_temporal"), key=lambda k: means[k]["lift"])
 print(f"   mean over {len(rows)} temporal aspects ({sum(r['test_videos'] for r in rows)} test videos): chance "
-      f"{100 * chance:.1f}, the better probe ({probe[6:]}) {mean(probe)}, text LLM {mean('text_llm')}, video LLM {mean('video_llm')}")
+      f"{100 * chance:.1f}, the better probe ({probe[6:]}) {mean(probe)}, text LLM {mean('text_llm')}, video LLM {mean('video_llm')}, "
+      f"video LLM with its letter prior divided out {mean('video_llm_calibrated')}")
 for aspect in controls:
     row = report["aspects"][aspect]
     low, high = row["video_llm_interval"]

@@ -106,6 +106,58 @@ def test_an_all_unparsed_run_says_so(tmp_path, capsys):
     assert "no reply of base on b names a single option" in capsys.readouterr().err
 
 
+def scored(model, item, answer, scores, task="t", bench="b", **extra):
+    """A log-likelihood prediction as stage 06 records it."""
+    predicted = "ABCD"[max(range(len(scores)), key=scores.__getitem__)]
+    return {"model": model, "bench": bench, "id": item, "groups": {"task_type": task}, "answer": answer,
+            "prediction": predicted, "correct": predicted in extra.get("answers", [answer]), "scores": scores, **extra}
+
+
+def test_calibration_judges_what_a_model_tells_apart_not_the_letter_it_favours(tmp_path):
+    """40 two-option items, half answered A. `biased` always says A but gives the right option more
+    probability than on the items where it is wrong (50% raw, 100% calibrated); `blind` scores every
+    item alike whatever its answer, so dividing out its prior cannot help it; `right` is right with a
+    wide margin and keeps its picks. Answers are not used: the same scores with every answer flipped
+    flip each item's calibrated verdict."""
+    answers = ["AB"[i % 2] for i in range(40)]
+    predictions = [p for i, answer in enumerate(answers) for p in (
+        scored("base", f"i{i}", answer, [-0.1, -2.5]),  # blind: says A, whatever the video
+        scored("biased", f"i{i}", answer, [-0.1, -3.0] if answer == "A" else [-0.4, -1.2]),
+        scored("right", f"i{i}", answer, [-0.1, -4.0] if answer == "A" else [-4.0, -0.1]))]
+    remade = {(p["model"], p["id"]): p for p in evaluation.calibrated(predictions)}
+    accuracy = lambda model: sum(remade[model, f"i{i}"]["correct"] for i in range(40)) / 40
+    assert accuracy("biased") == 1.0 and accuracy("right") == 1.0 and accuracy("base") == 0.5
+    assert all(remade["right", p["id"]]["prediction"] == p["prediction"] for p in predictions if p["model"] == "right")
+    flipped = [{**p, "answer": "BA"["AB".index(p["answer"])], "correct": not p["correct"]} for p in predictions]
+    assert all(remade[q["model"], q["id"]]["prediction"] == q["prediction"] and
+               remade[q["model"], q["id"]]["correct"] != q["correct"] for q in evaluation.calibrated(flipped))
+    table = evaluation.write_results(str(tmp_path), predictions, {}, {"mode": "loglik"})
+    calibrated = json.load(open(tmp_path / "results.json"))["calibrated"]
+    assert calibrated["biased"]["b"]["accuracy"] == 1.0 and calibrated["biased"]["b"]["vs_base"]["significant"]
+    raw, after = table.split("With each model's prior over the option letters divided out")
+    assert "| biased | 50.0 [" in raw and "| biased | 100.0 [" in after and "+50.0 [" in after
+
+
+def test_calibration_pools_small_task_types_and_leaves_out_what_it_cannot_estimate():
+    """A task type of fewer than CALIBRATION_MIN_ITEMS items takes its prior from all the benchmark's
+    items with as many options; a benchmark too small for that, and generated replies, are left out.
+    MLVU's repeated options: any option with the answer's text counts as right."""
+    few = evaluation.CALIBRATION_MIN_ITEMS // 2
+    pooled = ([scored("base", f"s{i}", "A", [-0.5, -0.9], task="small") for i in range(few)]
+              + [scored("base", f"l{i}", "B", [-0.1, -2.0], task="large") for i in range(evaluation.CALIBRATION_MIN_ITEMS)])
+    remade = {p["id"]: p for p in evaluation.calibrated(pooled)}
+    assert len(remade) == len(pooled)
+    # the small type's own prior would leave its alike items at A; beside the large type's stronger lean to A, B leads
+    assert all(remade[f"s{i}"]["prediction"] == "B" for i in range(few))
+    assert all(remade[f"l{i}"]["prediction"] == "A" for i in range(evaluation.CALIBRATION_MIN_ITEMS))  # its own prior: a tie
+    tiny = [scored("base", f"t{i}", "A", [-0.5, -0.9], bench="tiny") for i in range(few)]
+    replies = [{**prediction("base", f"g{i}", True), "reply": "A"} for i in range(40)]
+    assert evaluation.calibrated(tiny + replies) == []
+    repeated = [scored("base", f"m{i}", "A", [-2.0, -2.0, -0.1] if i % 2 else [-0.1, -2.0, -2.0], answers=["A", "C"])
+                for i in range(evaluation.CALIBRATION_MIN_ITEMS)]
+    assert all(p["correct"] for p in evaluation.calibrated(repeated))
+
+
 @pytest.fixture(scope="module")
 def benches(tmp_path_factory):
     """A video benchmark (project layout, three videos) and a T3 text benchmark."""

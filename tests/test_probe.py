@@ -193,7 +193,7 @@ def test_report_files_are_complete(qwen_run):
     report = json.load(open(qwen_run / "report.json"))
     assert set(report["aspects"]) == {"size", "direction", "grounding"}
     for row in report["aspects"].values():
-        for key in ("chance", "probe_linear", "probe_temporal", "text_llm", "video_llm"):
+        for key in ("chance", *probe.PROBE_COLUMNS, *probe.LLM_COLUMNS):
             assert 0 <= row[key] <= 1
         assert row["test_videos"] == 20
     assert report["verdict"] and len(report["probe_runs"]["size"]["linear"]["runs"]) == 2
@@ -257,8 +257,23 @@ def test_the_verdict_waits_for_intervals_that_do_not_overlap():
     assert probe.verdict(rows(4)).startswith("Not enough test videos to tell")
     assert "the language model is the bottleneck (points above chance" in probe.verdict(rows(200))
     assert probe.mean_lift(rows(200), "probe_linear")["lift"] == pytest.approx(0.35)
-    assert "the better of each two: linear probes +35.0 [" in probe.verdict(rows(200))
+    assert "the best of each kind: linear probes +35.0 [" in probe.verdict(rows(200))
     assert ", language model from text +5.0 [" in probe.verdict(rows(200))
+
+
+def test_the_language_model_is_judged_at_its_best_with_its_letter_prior_divided_out():
+    """A model whose raw answers favour one letter but whose scores tell the options apart is not at
+    chance: the verdict takes its calibrated column when that is its best, and names it."""
+    rows = {a: {"chance": 0.5, "probe_linear": 0.95, "text_llm": 0.5, "video_llm": 0.5, "video_llm_calibrated": 0.97,
+                "test_videos": 200} for a in ("order_of_two", "size")}
+    said = probe.verdict(rows)
+    assert "language model from video, its letter prior divided out +47.0 [" in said
+    assert not said.startswith("The visual encodings carry the temporal signal, but the language model does not use it")
+    records = [{"id": f"v{i}", "aspect": "order_of_two", "split": "test", "label": i % 2, "options": ["red", "blue"]}
+               for i in range(20)]
+    answers = [{"id": f"v{i}", "video_scores": [-0.1, -3.0] if i % 2 == 0 else [-0.4, -1.2]} for i in range(20)]
+    assert probe.answer_accuracy(records, answers, "order_of_two", "video_scores") == 0.5  # always A
+    assert probe.answer_accuracy(records, answers, "order_of_two", "video_scores", calibrate=True) == 1.0
 
 
 def test_an_aspect_at_0_or_100_percent_still_counts_as_uncertain():
@@ -298,7 +313,7 @@ def test_the_control_runs_apart_from_the_temporal_aspects(tiny_models, tmp_path)
     report = json.load(open(tmp_path / "report.json"))
     assert report["controls"] == ["appearance"] and "probe_linear" not in report["aspects"]["appearance"]
     size = {"size": report["aspects"]["size"]}  # the verdict's means, over the temporal aspects only
-    assert report["temporal_means"] == {k: probe.mean_lift(size, k) for k in ("probe_linear", "probe_temporal", "text_llm", "video_llm")}
+    assert report["temporal_means"] == {k: probe.mean_lift(size, k) for k in probe.PROBE_COLUMNS + probe.LLM_COLUMNS}
     assert set(report["probe_runs"]) == {"size"}
     assert "order-free control" in report["verdict"] and "| appearance (control, 4) | 25.0 | - | - |" in open(tmp_path / "report.md").read()
     for name, aspects in (("probe_bench", {"size"}), ("probe_control_bench", {"appearance"})):

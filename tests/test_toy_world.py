@@ -112,11 +112,13 @@ def test_shipped_toy_model_is_small_and_made_by_the_script():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_MODEL, "model.safetensors")), reason="no shipped toy model")
-def test_toy_model_sees_but_does_not_reason_about_time(tmp_path):
+def test_toy_model_sees_and_its_answers_miss_the_order(tmp_path):
     """The diagnosis, measured by stage 02 as it ships: the 4-bit toy model names the object in a video
-    (order-free control) far above chance, while on which object appears first it is near chance and
-    the probes on its visual encodings are not. A change that breaks how 02 feeds videos, scores
-    letters or pools encodings, or a pretraining that taught order, fails here."""
+    (order-free control) far above chance, while its answers to which object appears first are near
+    chance and the probes on its visual encodings are not. (Its letter scores do tell the two orders
+    apart: it favours "A", and 02's calibrated column, that prior divided out, is near 100%; the verdict
+    rests on all ten aspects.) A change that breaks how 02 feeds videos, scores letters or pools
+    encodings, or a pretraining that taught it to answer the order, fails here."""
     result = run_in_process("02_probe.py", "--model", TOY_MODEL, "--out", tmp_path / "02", "--aspects",
                             "appearance,order_of_two", "--num-videos", 36, "--num-frames", 8, "--seeds", 1)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -129,14 +131,17 @@ def test_toy_model_sees_but_does_not_reason_about_time(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_MODEL, "model.safetensors")), reason="no shipped toy model")
 def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path):
-    """The T3 finding on fewer items, through the stages as they ship: stage 02 renders "which object
-    appears first" videos; stage 03 trains a 4-bit QLoRA adapter on that question about its training
-    videos told in text only (each frame a line of the toy's caption words after its time, as
-    bench/bench_toy_transfer.py's `stamped` set), with order-free video questions mixed in as T3
-    does; stage 06 scores base and adapter on the held-out videos. The adapter must answer the
-    videos better, the difference's interval above 0. A change that breaks what carries a skill from
-    text to video (a stage's prompt or markers, 06's scoring, the adapter's loading, the toy model's
-    frames written as words) fails here. Then stage 04 builds TPO pairs with that adapter (below)."""
+    """Training on text changes the toy's answers about videos, through the stages as they ship: stage
+    02 renders "which object appears first" videos; stage 03 trains a 4-bit QLoRA adapter on that
+    question about its training videos told in text only (each frame a line of the toy's caption words
+    after its time, as bench/bench_toy_transfer.py's `stamped` set), with order-free video questions
+    mixed in as T3 does; stage 06 scores base and adapter on the held-out videos. The adapter must
+    answer the videos better, the difference's interval above 0. The base model's letter scores already
+    tell the two orders apart (06's calibrated accuracy, its letter prior divided out: 98% of 50 in the
+    default run); its raw answers favour "A". What the text teaches here is which letter goes with what
+    it sees, a step that needs every link from text to video: a change that breaks a stage's prompt or
+    markers, 06's scoring, the adapter's loading or the toy model's frames written as words fails here.
+    Then stage 04 builds TPO pairs with that adapter (below)."""
     result = run_in_process("02_probe.py", "--model", TOY_MODEL, "--out", tmp_path / "02", "--aspects", "order_of_two",
                             "--num-videos", 240, "--num-frames", 8, "--seeds", 1)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -150,9 +155,10 @@ def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path):
     result = run_in_process("06_eval.py", "--model", TOY_MODEL, "--adapter", f"text={tmp_path / '03'}",
                             "--bench", tmp_path / "02" / "probe_bench.jsonl", "--num-frames", 8, "--out", tmp_path / "06")
     assert result.returncode == 0, result.stderr[-2000:]
-    scores = json.load(open(tmp_path / "06" / "results.json"))["results"]
-    base, text = scores["base"]["probe_bench"], scores["text"]["probe_bench"]
-    assert base["accuracy"] <= 0.75  # chance 0.5: before, it does not know which came first (0.59 when measured)
+    results = json.load(open(tmp_path / "06" / "results.json"))
+    base, text = results["results"]["base"]["probe_bench"], results["results"]["text"]["probe_bench"]
+    assert base["accuracy"] <= 0.75  # chance 0.5: before, it mostly answers A (0.59 when measured)
+    assert results["calibrated"]["base"]["probe_bench"]["accuracy"] >= 0.8  # yet its scores tell the orders apart
     assert text["accuracy"] >= 0.8 and text["vs_base"]["interval"][0] > 0.15  # measured: 1.0, +41 [+29, +51]
 
     # Stage 04 with that adapter, asked 02's question about the training videos: a pair's chosen answer

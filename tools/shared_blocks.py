@@ -629,6 +629,17 @@ def choice_logprobs(model, processor, requests, options, device, labels=None):
             for row, opts, marks in zip(last, options, labels or [LETTERS] * len(options))]
 
 
+def calibrated_choices(score_lists):
+    """Batch calibration (Zhou et al., ICLR 2024): the option each item's scores (choice_logprobs; all
+    items with the same number of options) pick once the model's prior over the option letters is
+    divided out, that prior being its mean probability for each letter over these items. No answer is
+    used: a model that tells the options apart keeps its picks, one that favours a letter is left with
+    what it tells apart."""
+    probabilities = [torch.softmax(torch.tensor(scores, dtype=torch.float64), 0) for scores in score_lists]
+    prior = torch.stack(probabilities).mean(0)
+    return [int(torch.argmax(p / prior)) for p in probabilities]
+
+
 @torch.no_grad()
 def choice_generate(model, processor, requests, device, max_new_tokens=32):
     """Greedy replies to requests [(frames or None, text)]."""
