@@ -571,15 +571,17 @@ CALIBRATION_MIN_ITEMS = 20  # fewest items whose mean estimates a model's prior 
 
 def calibrated(predictions):
     """The log-likelihood predictions made again by batch calibration (calibrated_choices): each model's
-    prior over the option letters is estimated over the items of one task type with the same number
-    of options, or over all the benchmark's items with that many options where the task type has fewer
-    than CALIBRATION_MIN_ITEMS. A gain that is only a shift in the favoured letter vanishes here. Left
-    out: generated replies, and items of a benchmark with too few items to estimate a prior."""
+    prior over the option letters is estimated over the items of one task type (TempCompass: one task,
+    which sets the reply's form: letters, caption numbers or yes/no) with the same number of options,
+    or over all the benchmark's items with that many options where the task type has fewer than
+    CALIBRATION_MIN_ITEMS. A gain that is only a shift in the favoured letter vanishes here. Left out:
+    generated replies, and items of a benchmark with too few items to estimate a prior."""
     pools = {}
     for p in predictions:
         if p.get("scores"):
             key = (p["model"], p["bench"], len(p["scores"]))
-            pools.setdefault(key, {}).setdefault(p["groups"].get("task_type"), []).append(p)
+            kind = p["groups"].get("task_type", p["groups"].get("task"))
+            pools.setdefault(key, {}).setdefault(kind, []).append(p)
     remade = []
     for by_task in pools.values():
         everything = [p for pool in by_task.values() for p in pool]
@@ -695,7 +697,7 @@ def unparsed_lines(results):
 
 def write_results(out, predictions, skipped, meta):
     results = summarize(predictions, skipped, meta.get("formats"))
-    recalibrated = summarize(calibrated(predictions), {})
+    recalibrated = summarize(calibrated(predictions), {}, meta.get("formats"))
     with atomic_write(os.path.join(out, "results.json")) as f:
         json.dump({"meta": meta, "results": results, "calibrated": recalibrated}, f, indent=1)
     table, unparsed = results_table(results, recalibrated), unparsed_lines(results)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -138,10 +139,40 @@ def test_calibration_judges_what_a_model_tells_apart_not_the_letter_it_favours(t
     assert "| biased | 50.0 [" in raw and "| biased | 100.0 [" in after and "+50.0 [" in after
 
 
+def test_calibrated_choices_divide_out_the_mean_probability_of_each_option():
+    """Against a direct computation: each item's option probabilities (its scores renormalized over the
+    options: the scores leave some probability to other tokens) divided by their mean over the items.
+    The items leave different shares to other tokens, so a prior from the unnormalized scores picks
+    otherwise, as the last line checks."""
+    rng = np.random.default_rng(0)
+    logits = 2 * rng.normal(size=(60, 4))
+    scores = logits - np.log(np.exp(logits).sum(1, keepdims=True)) + rng.uniform(-6, 0, size=(60, 1))
+    probabilities = np.exp(scores) / np.exp(scores).sum(1, keepdims=True)
+    expected = (probabilities / probabilities.mean(0)).argmax(1).tolist()
+    assert evaluation.calibrated_choices(scores.tolist()) == expected
+    assert (np.exp(scores) / np.exp(scores).mean(0)).argmax(1).tolist() != expected
+
+
+def test_calibration_keeps_each_model_benchmark_and_task_type_apart():
+    """Each model, benchmark and task type leans its own way; each gets its own prior. Pooled with an
+    opposite lean, either would stay at 50%."""
+    lean_a = lambda answer: [-0.1, -3.0] if answer == "A" else [-0.4, -1.2]  # always A, but less so when B is right
+    lean_b = lambda answer: [-1.2, -0.4] if answer == "A" else [-3.0, -0.1]
+    predictions = []
+    for i in range(2 * evaluation.CALIBRATION_MIN_ITEMS):
+        answer = "AB"[i % 2]
+        predictions += [scored("m1", f"i{i}", answer, lean_a(answer)), scored("m2", f"i{i}", answer, lean_b(answer)),
+                        scored("m1", f"i{i}", answer, lean_b(answer), bench="other"),
+                        scored("m1", f"j{i}", answer, lean_b(answer), task="u")]
+    assert sum(p["correct"] for p in predictions) == len(predictions) // 2
+    assert all(p["correct"] for p in evaluation.calibrated(predictions))
+
+
 def test_calibration_pools_small_task_types_and_leaves_out_what_it_cannot_estimate():
     """A task type of fewer than CALIBRATION_MIN_ITEMS items takes its prior from all the benchmark's
     items with as many options; a benchmark too small for that, and generated replies, are left out.
-    MLVU's repeated options: any option with the answer's text counts as right."""
+    MLVU's repeated options: any option with the answer's text counts as right. TempCompass's items
+    have no task type: their task (the reply's form) is what is pooled."""
     few = evaluation.CALIBRATION_MIN_ITEMS // 2
     pooled = ([scored("base", f"s{i}", "A", [-0.5, -0.9], task="small") for i in range(few)]
               + [scored("base", f"l{i}", "B", [-0.1, -2.0], task="large") for i in range(evaluation.CALIBRATION_MIN_ITEMS)])
@@ -156,6 +187,11 @@ def test_calibration_pools_small_task_types_and_leaves_out_what_it_cannot_estima
     repeated = [scored("base", f"m{i}", "A", [-2.0, -2.0, -0.1] if i % 2 else [-0.1, -2.0, -2.0], answers=["A", "C"])
                 for i in range(evaluation.CALIBRATION_MIN_ITEMS)]
     assert all(p["correct"] for p in evaluation.calibrated(repeated))
+    yes_no = [{**scored("base", f"y{i}", "AB"[i % 2], [-0.1, -3.0] if i % 2 == 0 else [-0.4, -1.2]),
+               "groups": {"dim": "speed", "task": "yes_no"}} for i in range(evaluation.CALIBRATION_MIN_ITEMS)]
+    letters = [{**scored("base", f"c{i}", "AB"[i % 2], [-1.2, -0.4] if i % 2 == 0 else [-3.0, -0.1]),
+                "groups": {"dim": "speed", "task": "caption_matching"}} for i in range(evaluation.CALIBRATION_MIN_ITEMS)]
+    assert all(p["correct"] for p in evaluation.calibrated(yes_no + letters))
 
 
 @pytest.fixture(scope="module")
