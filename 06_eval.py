@@ -585,13 +585,16 @@ def calibrated(predictions):
     remade = []
     for by_task in pools.values():
         everything = [p for pool in by_task.values() for p in pool]
+        if len(everything) < CALIBRATION_MIN_ITEMS:
+            continue
+        pooled = calibrated_choices([p["scores"] for p in everything])  # the small task types' picks
+        start = 0
         for pool in by_task.values():
-            prior_pool = pool if len(pool) >= CALIBRATION_MIN_ITEMS else everything
-            if len(prior_pool) < CALIBRATION_MIN_ITEMS:
-                continue
-            picks = dict(zip(map(id, prior_pool), calibrated_choices([p["scores"] for p in prior_pool])))
-            for p in pool:
-                letter = LETTERS[picks[id(p)]]
+            own = len(pool) >= CALIBRATION_MIN_ITEMS
+            picks = calibrated_choices([p["scores"] for p in pool]) if own else pooled[start:start + len(pool)]
+            start += len(pool)
+            for p, pick in zip(pool, picks):
+                letter = LETTERS[pick]
                 remade.append({**p, "prediction": letter, "correct": letter in p.get("answers", [p["answer"]])})
     return remade
 
