@@ -22,6 +22,7 @@
 #               its own and is asked 02's, else 5:5)
 #   JUDGE       1: the model judges its pairs; 0: cheap rules only (default: 0 for the toy model, 1 otherwise)
 #   WORLD_STEPS with the toy model, optimizer steps for its second T3 adapter, t3_world (default: 400)
+#   WORLD_SCENES with the toy model, new scenes per temporal aspect told in text for t3_world (default: 500)
 #   NUM_FRAMES  frames per video in every stage (default: 8)
 #   TEMPERATURE sampling temperature for pair answers (default: 0 = greedy)
 #   PROBE_VIDEOS probe videos per aspect in stage 02, a third of them test videos (default: 150 with the toy model,
@@ -55,8 +56,9 @@ if [ -z "${MODEL:-}" ]; then
   STEPS=${STEPS:-200}
   BATCH=${BATCH:-16}
   # stage 01's tasks do not reach this small a model's videos (README, "The toy world"); a second T3 adapter,
-  # t3_world, trains on text only too: 02's temporal questions about its training videos, told in the toy's words
+  # t3_world, trains on text only too: 02's temporal questions about new scenes, told in the toy's words
   WORLD_STEPS=${WORLD_STEPS:-400}
+  WORLD_SCENES=${WORLD_SCENES:-500}
   PROBE_VIDEOS=${PROBE_VIDEOS:-150}  # enough test videos for that adapter's gain to show with its interval
   if [ -z "${MIX:-}" ]; then
     MIX="$OUT/mix/mix.jsonl"
@@ -113,10 +115,10 @@ for aspect in controls:
           f"video LLM {100 * row['video_llm']:.1f} [{100 * low:.1f}, {100 * high:.1f}]")
 PY
 
-if [ -n "${TOY:-}" ]; then  # the toy world's own temporal questions about 02's training videos (never its test
-  # videos): in text for t3_world, and as 04's video list, with 02's answers given only for 04 to audit its pairs
+if [ -n "${TOY:-}" ]; then  # the toy world's own temporal questions: in text about new scenes (never 02's videos)
+  # for t3_world, and about 02's training videos as 04's video list, with 02's answers given only for 04's audit
   python -c 'import importlib.util as u, sys; s = u.spec_from_file_location("pretrain", "toy_world/pretrain.py")
-m = u.module_from_spec(s); s.loader.exec_module(m); m.write_world_questions(*sys.argv[1:])' "$OUT/02" "$PROBE_VIDEOS" "$SEED" "$NUM_FRAMES"
+m = u.module_from_spec(s); s.loader.exec_module(m); m.write_world_questions(*sys.argv[1:])' "$OUT/02" "$SEED" "$NUM_FRAMES" "$WORLD_SCENES"
   VIDEOS=${VIDEOS:-"$OUT/02/tpo_videos.jsonl"}
 fi
 

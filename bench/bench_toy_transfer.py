@@ -17,6 +17,8 @@ The toy world's check of the T3 finding, run with the stages as they ship:
                 the toy model meets in a video;
        control  02's order-free control question about the same videos, in words;
        t3       stage 01's records from the world's captions, as run_all.sh makes them;
+     with --told-scenes N, stamped is told about N new scenes per aspect instead, never rendered and
+     never 02's (run_all.sh's t3_world at N=500), and control about as many new control scenes;
   3. 03_train_t3.py trains one adapter on each, with the same settings (4-bit QLoRA by default).
      A fifth of each adapter's records are order-free questions about --mix-videos fresh
      toy videos (which objects appear, what shape), as T3 mixes in the model's own video instruction
@@ -38,7 +40,7 @@ Transfer shows as a gain on probe_bench for `words`, `caption_words`, `stamped` 
 excludes 0, with none for `control`. Every stage's output stays in --work-dir when one is given.
 
 Usage: python bench/bench_toy_transfer.py [--sets words,caption_words,stamped,control,t3] [--steps 400] [--num-videos 150]
-           [--tpo stamped] [--tpo-pairs 400] [--tpo-steps 200]
+           [--told-scenes 500] [--tpo stamped] [--tpo-pairs 400] [--tpo-steps 200]
 """
 import argparse
 import json
@@ -65,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--mix-videos", type=int, default=300, help="mix order-free questions about this many toy videos into "
                    "every adapter's training, a fifth of its records (0: text only)")
+    p.add_argument("--told-scenes", type=int, default=0, help="train `stamped` on this many new scenes per aspect, told "
+                   "in text and never rendered (toy_world/pretrain.py's told_scenes), instead of on 02's training videos")
     p.add_argument("--no-4bit", action="store_true", help="train and score the model unquantized")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", help="keep every stage's output here (default: a temporary folder)")
@@ -133,6 +137,10 @@ def main(argv=None):
             told = pretrain.retold(probe_videos, lines, args.num_videos, args.seed, NUM_FRAMES)
             train[name] = pretrain.told_records(told, "train")
             pretrain.write_jsonl(f"{work}/{name}_test.jsonl", pretrain.told_records(told, "test"))
+        if args.told_scenes:  # the control the same way: as many records, about new scenes of the control aspect
+            temporal = [a for a in pretrain.PROBE.ASPECTS if a not in pretrain.PROBE.CONTROLS]
+            train["stamped"] = pretrain.told_scenes(temporal, args.told_scenes, args.seed, NUM_FRAMES)
+            train["control"] = pretrain.told_scenes(pretrain.PROBE.CONTROLS, args.told_scenes * len(temporal), args.seed, NUM_FRAMES)
         if "t3" in args.sets:
             seconds["01"] = stage(work, "01", "01_synthesize.py", "--out", f"{work}/01", "--captions",
                                   os.path.join(args.model, "captions.jsonl"), "--num-train", args.steps * args.batch_size,
@@ -167,8 +175,8 @@ def main(argv=None):
                               "--bench", f"caption_words_test={work}/caption_words_test.jsonl",
                               "--bench", f"stamped_test={work}/stamped_test.jsonl",
                               "--num-frames", NUM_FRAMES, "--out", f"{work}/06", *quantized)
-        print(f"{machine()}; model {args.model}; {len(train['words'])} words and {len(train['control'])} control training "
-              f"records; {args.steps} steps x {args.batch_size}, lr {args.lr}, {'unquantized' if args.no_4bit else '4-bit QLoRA'}"
+        print(f"{machine()}; model {args.model}; {len(train['words'])} words, {len(train['stamped'])} stamped and "
+              f"{len(train['control'])} control training records; {args.steps} steps x {args.batch_size}, lr {args.lr}, {'unquantized' if args.no_4bit else '4-bit QLoRA'}"
               + (f", a fifth of them order-free questions about {args.mix_videos} toy videos" if args.mix_videos else ""))
         print("seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")
         results = open(f"{work}/06/results.md").read()

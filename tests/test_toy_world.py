@@ -133,10 +133,9 @@ def test_toy_model_sees_and_its_answers_miss_the_order(tmp_path):
 def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path):
     """The T3 finding on fewer items, through the stages as they ship: stage 02 renders "which object
     appears first" and "in which order do the objects appear" (three objects) videos; stage 03 trains a
-    4-bit QLoRA adapter on those questions about its training videos told in text only (each frame a
-    line of the toy's caption words after its time, as bench/bench_toy_transfer.py's `stamped` set),
-    with order-free video questions mixed in as T3 does; stage 06 scores base and adapter on the
-    held-out videos.
+    4-bit QLoRA adapter on those questions about new scenes told in text only (each frame a line of
+    the toy's caption words after its time, as run_all.sh's t3_world), with order-free video
+    questions mixed in as T3 does; stage 06 scores base and adapter on the held-out videos.
     - The order of three: the adapter must tell the orders apart better than the base model once
       each model's letter prior is divided out (06's calibrated results), the difference's interval
       well above 0. This is the transfer: a change that breaks what carries a skill from text to
@@ -149,7 +148,7 @@ def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path):
                             "order_of_two,order_of_three", "--num-videos", 240, "--num-frames", 8, "--seeds", 1)
     assert result.returncode == 0, result.stderr[-2000:]
     pretrain = load_pretrain()
-    text, listing = pretrain.write_world_questions(tmp_path / "02", 240, seed=0)  # as run_all.sh writes them for the toy
+    text, listing = pretrain.write_world_questions(tmp_path / "02", seed=0)  # as run_all.sh writes them for the toy
     mix = pretrain.write_video_instructions(str(tmp_path / "mix"), 100, seed=0)
     result = run_in_process("03_train_t3.py", "--model", TOY_MODEL, "--train", text, "--out", tmp_path / "03",
                             "--max-steps", 100, "--batch-size", 16, "--grad-accum", 1, "--lr", 2e-3, "--save-every", 100,
@@ -162,7 +161,7 @@ def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path):
     aspect = lambda kind, model, name: results[kind][model]["probe_bench"]["by"]["task_type"][name]
     base, text = aspect("calibrated", "base", "order_of_three"), aspect("calibrated", "text", "order_of_three")
     assert base["accuracy"] <= 0.35  # chance 1/6, 80 test videos: 7.5% when measured
-    assert text["vs_base"]["interval"][0] > 0.3  # measured: 81.2%, +73.8
+    assert text["vs_base"]["interval"][0] > 0.3  # measured: 68.8%, +61.2 [+48.4, +71.2]
     base, text = aspect("results", "base", "order_of_two"), aspect("results", "text", "order_of_two")
     assert base["accuracy"] <= 0.75  # chance 0.5: it mostly answers A (58.8% when measured)
     assert aspect("calibrated", "base", "order_of_two")["accuracy"] >= 0.8  # yet it tells the two apart (95.0%)
@@ -176,7 +175,7 @@ def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path):
                             "--sparse-frames", 2, "--max-new-tokens", 4, "--max-attempts", 10, "--no-judge")
     assert result.returncode == 0, result.stderr[-2000:]
     checked = json.load(open(tmp_path / "04" / "stats.json"))["audit_against_given_answers"]
-    assert checked["pairs"] >= 12 and checked["chosen"]["interval"][0] > checked["rejected"]["interval"][1]  # 16/24 vs 2/24 measured
+    assert checked["pairs"] >= 12 and checked["chosen"]["interval"][0] > checked["rejected"]["interval"][1]  # 15/24 vs 0/24 measured
 
 
 def load_bench(monkeypatch):
@@ -228,6 +227,38 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, 
                         for line in record["conversations"][0]["value"].split("\n") if line.startswith(("Frame ", "<"))]
             assert captions == [pretrain.caption(f, shape) for f in shown]
             assert record["conversations"][0]["value"] != original["conversations"][0]["value"]
+
+
+def test_told_scenes_are_new_scenes_whose_text_gives_the_answer(tmp_path):
+    """t3_world's text (told_scenes): 02's questions about scenes planned under a seed of their own, with
+    the training split's shapes, balanced answers, and each answer the one the told frames give. A wrong
+    label or frame choice shows as an answer its own text contradicts; a shared seed as one of 02's videos."""
+    pretrain = load_pretrain()
+    probe = pretrain.PROBE
+    records = pretrain.told_scenes(["order_of_two", "grounding"], 12, seed=3)
+    assert records == pretrain.told_scenes(["order_of_two", "grounding"], 12, seed=3)  # seeded
+    assert records != pretrain.told_scenes(["order_of_two", "grounding"], 12, seed=4)
+    assert [r["task"] for r in pretrain.told_scenes(["appearance"], 4, seed=3)] == ["appearance"] * 4  # the bench's control
+    for bad in ("abc", "0", "2.5"):  # run_all.sh's WORLD_SCENES, refused in one line before anything is written
+        with pytest.raises(SystemExit, match=f"WORLD_SCENES must be a whole number .* not '{re.escape(bad)}'"):
+            pretrain.write_world_questions(tmp_path, 0, per_aspect=bad)
+    assert not os.listdir(tmp_path)
+    assert sorted(r["answer"] for r in records if r["task"] == "order_of_two") == ["A"] * 6 + ["B"] * 6
+    assert sorted(r["answer"] for r in records if r["task"] == "grounding") == ["A"] * 4 + ["B"] * 4 + ["C"] * 4
+    for record in records:
+        prompt = record["conversations"][0]["value"]
+        lines = [line for line in prompt.split("\n") if line.startswith("<")]
+        assert [line.split(" seconds>")[0] for line in lines] == [f"<{t / pretrain.FPS:.1f}" for t in probe.uniform_indices(probe.RENDERED_FRAMES, 8)]
+        assert any(shape in prompt for shape in probe.SHAPES["train"]) and not any(s in prompt for s in probe.SHAPES["test"])
+        answer = record["options"]["ABC".index(record["answer"])].split(". ", 1)[1]
+        if record["task"] == "order_of_two":  # the colour told first is the answer's
+            first = next(line for line in lines if "red" in line or "blue" in line)
+            assert answer == f"the {'red' if 'red' in first else 'blue'} object" and not ("red" in first and "blue" in first)
+        else:  # the third of the frames in which the red object is told is the answer's
+            told_red = [i for i, line in enumerate(lines) if "red" in line]
+            assert answer == ["at the beginning", "in the middle", "at the end"][told_red[len(told_red) // 2] * 3 // len(lines)]
+    ours = {p["seed"] for p in probe.plan_videos(["order_of_two", "grounding"], 150, pretrain.TOLD_SCENES_SEED + 3)}
+    assert not ours & {p["seed"] for s in range(100) for p in probe.plan_videos(["order_of_two", "grounding"], 150, s)}
 
 
 def test_video_instructions_for_the_mix_ask_about_the_videos_they_come_with(tmp_path, monkeypatch):

@@ -53,6 +53,8 @@ SIGHT_CHECK_VIDEOS = 100  # new control videos the finished model is asked about
 SIGHT_CHECK_BAR = 0.8  # share of them it must name the object in to count as seeing well
 NARRATE = "Describe the video frame by frame."
 HEADER = "The following describes a video, one frame per line, in the order the frames appear."
+WORLD_SCENES = 500  # new scenes per aspect told in text for t3_world: about one pass at 400 steps x 16
+TOLD_SCENES_SEED = 7_000_001  # told_scenes plans under seed + this, apart from 02's own plans at seed
 STAMPED_SHARE = 0.5  # share of descriptions whose lines start with the frame's time, as Qwen3-VL's video text does
 
 
@@ -244,6 +246,22 @@ def retold(probe_videos, lines, num_videos, seed, num_frames=NUM_FRAMES):
     return out
 
 
+def told_scenes(aspects, per_aspect, seed, num_frames=NUM_FRAMES):
+    """Stage 02's questions about `per_aspect` new scenes of each aspect, planned as 02 plans its
+    training videos but under a seed of their own (so never one of 02's videos) and never rendered:
+    each told in stamped lines, as records like told_records'. Text to train on need not come from
+    videos anyone rendered, so there can be as much of it as the steps take."""
+    shown_at = PROBE.uniform_indices(PROBE.RENDERED_FRAMES, num_frames)
+    plans = PROBE.plan_videos(sorted(aspects), per_aspect, TOLD_SCENES_SEED + seed)  # the same records in any order
+    scenes = []
+    for number, plan in enumerate(plans):
+        states, shape, _ = PROBE.build_scene({**plan, "split": "train"})  # the training shapes and backgrounds
+        question, options, _ = PROBE.ASPECTS[plan["aspect"]]
+        scenes.append({**plan, "id": f"told-{plan['aspect']}-{number:05d}", "split": "train", "question": question,
+                       "options": options, "description": stamped_lines([states[t] for t in shown_at], shape)})
+    return [record for control in (False, True) for record in told_records(scenes, "train", control)]
+
+
 def given_questions(probe_videos, folder=""):
     """02's training videos as stage 04's video list (paths under `folder`, relative to the list's own
     folder), each with 02's question, options and answer: 04 asks the question and only audits its pairs
@@ -258,15 +276,19 @@ def write_jsonl(path, records):
     os.replace(f"{path}.tmp", path)
 
 
-def write_world_questions(probe_dir, num_videos, seed, num_frames=NUM_FRAMES):
-    """The toy world's own temporal questions about 02's training videos (02 run into `probe_dir` with
-    `num_videos` and `seed`), written beside 02's videos.jsonl: world_text.jsonl, the questions in text
-    for a T3 adapter, each frame a line of the toy's caption words after its time as Qwen3-VL writes it
-    ("<0.8 seconds> a red circle on the left"); and tpo_videos.jsonl, stage 04's video list of the same
-    videos with the same questions. Returns the two paths."""
+def write_world_questions(probe_dir, seed, num_frames=NUM_FRAMES, per_aspect=WORLD_SCENES):
+    """The toy world's own temporal questions, written beside the videos.jsonl of 02 run into `probe_dir`:
+    world_text.jsonl, for a T3 adapter, the questions 02 asked about `per_aspect` new scenes of each of
+    its temporal aspects, in text only, each frame a line of the toy's caption words after its time as
+    Qwen3-VL writes it ("<0.8 seconds> a red circle on the left"), never one of 02's videos (told_scenes);
+    and tpo_videos.jsonl, stage 04's video list: 02's training videos with their questions. Returns the
+    two paths."""
+    if not str(per_aspect).isdigit() or int(per_aspect) < 1:
+        sys.exit(f"error: WORLD_SCENES must be a whole number of scenes per aspect, 1 or more, not {per_aspect!r}")
     videos = [json.loads(line) for line in open(os.path.join(probe_dir, "videos.jsonl"))]
+    aspects = {v["aspect"] for v in videos} - set(PROBE.CONTROLS)
     text, listing = os.path.join(probe_dir, "world_text.jsonl"), os.path.join(probe_dir, "tpo_videos.jsonl")
-    write_jsonl(text, told_records(retold(videos, stamped_lines, int(num_videos), int(seed), int(num_frames)), "train"))
+    write_jsonl(text, told_scenes(aspects, int(per_aspect), int(seed), int(num_frames)))
     write_jsonl(listing, given_questions(videos))
     return text, listing
 
