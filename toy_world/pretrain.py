@@ -215,10 +215,10 @@ def told_records(probe_videos, split, control=False):
     """02's question about each video of `split` (from its videos.jsonl, or as `retold` gives them), the
     frames told in text (the video's "description"), as stage 01 writes a multiple-choice record: the
     prompt 02 gives its text-only LLM, the options and the answer's letter. Only the temporal aspects,
-    or with `control` only the order-free ones."""
+    or with `control` only the order-free ones, or with control=None both."""
     records = []
     for video in probe_videos:
-        if video["split"] != split or (video["aspect"] in PROBE.CONTROLS) != control:
+        if video["split"] != split or control is not None and (video["aspect"] in PROBE.CONTROLS) != control:
             continue
         prompt = PROBE.TEXT_PREFIX.format(description=video["description"]) + PROBE.choice_prompt(video["question"], video["options"])
         answer = PROBE.LETTERS[video["label"]]
@@ -255,11 +255,13 @@ def told_scenes(aspects, per_aspect, seed, num_frames=NUM_FRAMES):
     plans = PROBE.plan_videos(sorted(aspects), per_aspect, TOLD_SCENES_SEED + seed)  # the same records in any order
     scenes = []
     for number, plan in enumerate(plans):
-        states, shape, _ = PROBE.build_scene({**plan, "split": "train"})  # the training shapes and backgrounds
+        # the training split's shapes and backgrounds
+        plan = {**plan, "id": f"told-{plan['aspect']}-{number:05d}", "split": "train"}
+        states, shape, _ = PROBE.build_scene(plan)
         question, options, _ = PROBE.ASPECTS[plan["aspect"]]
-        scenes.append({**plan, "id": f"told-{plan['aspect']}-{number:05d}", "split": "train", "question": question,
-                       "options": options, "description": stamped_lines([states[t] for t in shown_at], shape)})
-    return [record for control in (False, True) for record in told_records(scenes, "train", control)]
+        scenes.append({**plan, "question": question, "options": options,
+                       "description": stamped_lines([states[t] for t in shown_at], shape)})
+    return told_records(scenes, "train", control=None)
 
 
 def given_questions(probe_videos, folder=""):
