@@ -91,56 +91,66 @@ def test_frames_are_uniform_over_decodable_frames(tmp_path):
         t3.sample_frames(str(tmp_path / "bad.mp4"), 4)
 
 
+TOY_MODEL = os.path.join(REPO, "toy_world", "model")
+FIRST_OR_LAST = ("Which event happens first in the video?", "Which event happens last in the video?")
+
+
 @pytest.fixture(scope="module")
-def order_data(tmp_path_factory):
-    """The simplest family, "Which event happens first / last?", asked openly: the answer is the caption."""
+def first_or_last_data(tmp_path_factory):
+    """Stage 01's `order` records from the toy world's captions, kept to its two simplest questions,
+    "Which event happens first / last in the video?": asked openly for training (the answer is the
+    caption), as multiple choice for validation, whose captions are held out."""
     out = tmp_path_factory.mktemp("order")
     subprocess.run([sys.executable, os.path.join(REPO, "01_synthesize.py"), "--out", str(out), "--tasks", "order",
-                    "--num-train", "16000", "--num-val", "400", "--scales", "1x", "--mc-fraction", "0", "--seed", "1"],
-                   check=True, capture_output=True)
+                    "--captions", os.path.join(TOY_MODEL, "captions.jsonl"), "--num-train", "4000", "--num-val", "600",
+                    "--scales", "1x", "--mc-fraction", "0", "--seed", "1"], check=True, capture_output=True)
+    for split in ("train", "val"):
+        records = [json.loads(line) for line in open(out / f"t3_{split}.jsonl")]
+        kept = [r for r in records if any(q in r["conversations"][0]["value"] for q in FIRST_OR_LAST)]
+        (out / f"first_or_last_{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     return out
 
 
 @pytest.mark.slow
-def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_path_factory, order_data, monkeypatch):
-    """A real learning signal: validation captions are held out, options are never shown, and the model
-    starts at chance. Hidden 128 x 2 layers is the smallest tiny model seen to learn this (hidden 64 did
-    not in 32,000 records); it needs about 16,000 records, 500 steps, a few minutes on 2 CPU cores.
-    How far it gets in 500 steps differs between CPUs and BLAS libraries (0.49 and 0.40 seen on 200
-    items), so the test asks what holds on all of them: on 400 held-out items, accuracy above chance
-    and above the start, each with 95% confidence."""
-    import tiny_model
+@pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_MODEL, "model.safetensors")), reason="no shipped toy model")
+def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_path_factory, first_or_last_data, monkeypatch):
+    """A real learning signal: validation captions are held out, options are never shown in training,
+    and the model starts at chance. The toy-world model reads its captions but was never asked about
+    order; on these two questions it gets from 0.22 to about 0.5 in 100 steps of 16 (0.47 and 0.50 at
+    two seeds on 447 items, about a minute on 2 CPU cores). A random tiny model needs about 16,000
+    records for such a gain, and when it comes differs between CPUs (bench/bench_t3_learning.py).
+    The test asks, on every held-out item, for accuracy above chance and above the start, each with
+    95% confidence."""
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
     # The loss's PyTorch path, as on a CPU outside the tests: the Triton interpreter would take 4x as long
     # here, and the kernels have tests of their own.
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    model_dir = tiny_model.build(str(tmp_path_factory.mktemp("models") / "h128"), hidden=128, layers=2)
     out = tmp_path_factory.mktemp("order_run")
-    args = t3.parse_args(["--model", model_dir, "--train", str(order_data / "t3_train.jsonl"),
-                          "--val", str(order_data / "t3_val.jsonl"), "--out", str(out), "--max-steps", "500",
-                          "--batch-size", "32", "--grad-accum", "1", "--lr", "3e-3", "--lora-r", "32", "--lora-alpha", "64",
-                          "--no-4bit", "--no-gradient-checkpointing", "--save-every", "1000", "--seed", "1"])
+    args = t3.parse_args(["--model", TOY_MODEL, "--train", str(first_or_last_data / "first_or_last_train.jsonl"),
+                          "--val", str(first_or_last_data / "first_or_last_val.jsonl"), "--out", str(out), "--max-steps", "100",
+                          "--batch-size", "16", "--grad-accum", "1", "--lr", "2e-3", "--no-4bit", "--no-gradient-checkpointing",
+                          "--save-every", "1000", "--seed", "1"])
     trained = t3.train(args)
     log = [json.loads(line) for line in open(out / "train_log.jsonl")]
     losses = [e["loss"] for e in log if e["event"] == "train"]
-    assert len(losses) == 500
-    assert sum(losses[-50:]) / 50 < 0.6 * sum(losses[:50]) / 50
+    assert len(losses) == 100
+    assert sum(losses[-20:]) / 20 < 0.6 * sum(losses[:20]) / 20
     evals = [e for e in log if e["event"] == "eval"]
-    assert [e["step"] for e in evals] == [0, 500]
+    assert [e["step"] for e in evals] == [0, 100]
     assert set(evals[0]["text"]) == {"all", "order"}  # overall and per family
     before, after = evals[0]["text"]["order"], evals[1]["text"]["order"]
-    items = 400
-    assert before < 0.32  # four options: chance is 0.25
+    items = evals[1]["items"]
+    assert items > 400 and before < 0.32  # four options: chance is 0.25
     assert t3.wilson_interval(round(after * items), items)[0] > 0.25, (before, after)
     gain, spread = after - before, 1.96 * ((after * (1 - after) + before * (1 - before)) / items) ** 0.5
     assert gain - spread > 0, (before, after)  # unpaired, so conservative: the items are the same
 
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
-    base = AutoModelForImageTextToText.from_pretrained(model_dir)
+    base = AutoModelForImageTextToText.from_pretrained(TOY_MODEL)
     reloaded = PeftModel.from_pretrained(base, str(out)).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
-    batch = processor(text=["Frame 1: A red kite flies above a quiet beach."], return_tensors="pt")
+    processor = AutoProcessor.from_pretrained(TOY_MODEL)
+    batch = processor(text=["Frame 1: A red circle on the left."], return_tensors="pt")
     trained.eval()
     with torch.no_grad():
         expected, got = trained(**batch).logits, reloaded(**batch).logits
