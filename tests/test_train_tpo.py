@@ -291,10 +291,13 @@ def test_fused_logprobs_skip_a_frozen_head_and_match_the_pytorch_path(monkeypatc
 
 
 @pytest.mark.parametrize("arch", MODELS)
-def test_packed_pairs_equal_two_sequences_with_gradients(tiny_models, pairs_file, arch):
+def test_packed_pairs_equal_two_sequences_with_gradients(tiny_models, pairs_file, arch, monkeypatch):
     """[prompt, chosen, rejected] in one row gives the same log-probs, and the same LoRA gradients,
     as chosen and rejected run as two sequences."""
     from peft import LoraConfig, get_peft_model
+    # The log-probs' PyTorch path: packing is what is compared here, and the interpreted kernel over a real
+    # checkpoint's vocabulary would take most of a minute (the kernel is checked against it above).
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     model, processor = tpo.load_model(tiny_models[arch], four_bit=False, device=torch.device("cpu"))
     torch.manual_seed(0)
     model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
