@@ -16,6 +16,9 @@ if not torch.cuda.is_available():
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "bench"))
+TOY_MODEL = os.path.join(REPO, "toy_world", "model")  # the shipped toy-world model
+needs_toy_model = pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_MODEL, "model.safetensors")),
+                                     reason="no shipped toy model")
 
 import tiny_model  # noqa: E402  (after the sys.path lines above)
 from stages import load_stage  # noqa: E402  (one helper for tests and benchmarks)

@@ -8,9 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from conftest import REPO, run_in_process
-
-TOY_MODEL = os.path.join(REPO, "toy_world", "model")
+from conftest import REPO, TOY_MODEL, needs_toy_model, run_in_process
 
 
 def load_pretrain():
@@ -97,7 +95,7 @@ def test_caption_ids_are_the_caption_padded_to_a_frames_tokens():
     assert ids == words + [dot] * (16 - len(words))
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_MODEL, "model.safetensors")), reason="no shipped toy model")
+@needs_toy_model
 def test_shipped_toy_model_is_small_and_made_by_the_script():
     size = sum(os.path.getsize(os.path.join(TOY_MODEL, f)) for f in os.listdir(TOY_MODEL))
     assert size <= 20 * 2 ** 20
@@ -111,7 +109,7 @@ def test_shipped_toy_model_is_small_and_made_by_the_script():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_MODEL, "model.safetensors")), reason="no shipped toy model")
+@needs_toy_model
 def test_toy_model_sees_and_its_answers_miss_the_order(tmp_path):
     """The diagnosis, measured by stage 02 as it ships: the 4-bit toy model names the object in a video
     (order-free control) far above chance, while its answers to which object appears first are near
@@ -129,7 +127,7 @@ def test_toy_model_sees_and_its_answers_miss_the_order(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_MODEL, "model.safetensors")), reason="no shipped toy model")
+@needs_toy_model
 def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path):
     """The T3 finding on fewer items, through the stages as they ship: stage 02 renders "which object
     appears first" and "in which order do the objects appear" (three objects) videos; stage 03 trains a

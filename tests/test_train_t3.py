@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MODELS, REPO, load_stage
+from conftest import MODELS, REPO, TOY_MODEL, load_stage, needs_toy_model
 from videos import frames_for, write_video
 
 t3 = load_stage("03_train_t3.py")
@@ -91,7 +91,6 @@ def test_frames_are_uniform_over_decodable_frames(tmp_path):
         t3.sample_frames(str(tmp_path / "bad.mp4"), 4)
 
 
-TOY_MODEL = os.path.join(REPO, "toy_world", "model")
 FIRST = "Which event happens first in the video?"
 
 
@@ -112,7 +111,7 @@ def first_event_data(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.path.isfile(os.path.join(TOY_MODEL, "model.safetensors")), reason="no shipped toy model")
+@needs_toy_model
 def test_training_teaches_event_order_and_adapter_reloads_with_plain_peft(tmp_path_factory, first_event_data, monkeypatch):
     """A real learning signal: validation captions are held out, options are never shown in training,
     and the model starts at chance. The toy-world model reads its captions but was never asked about
