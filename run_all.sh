@@ -22,7 +22,8 @@
 #               its own and is asked 02's, else 5:5)
 #   JUDGE       1: the model judges its pairs; 0: cheap rules only (default: 0 for the toy model, 1 otherwise)
 #   WORLD_STEPS with the toy model, optimizer steps for its second T3 adapter, t3_world (default: 400)
-#   WORLD_SCENES with the toy model, new scenes per temporal aspect told in text for t3_world (default: 500)
+#   WORLD_SCENES with the toy model, new scenes per temporal aspect told in text for t3_world, of which those
+#               its words can tell are kept (no light, no up or down) (default: 500)
 #   NUM_FRAMES  frames per video in every stage (default: 8)
 #   TEMPERATURE sampling temperature for pair answers (default: 0 = greedy)
 #   PROBE_VIDEOS probe videos per aspect in stage 02, a third of them test videos (default: 150 with the toy model,

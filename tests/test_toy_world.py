@@ -1,4 +1,5 @@
 """The toy world: its pretraining script, and the shipped model it made."""
+import collections
 import hashlib
 import importlib.util
 import json
@@ -255,6 +256,17 @@ def test_told_scenes_are_new_scenes_whose_text_gives_the_answer(tmp_path):
         else:  # the third of the frames in which the red object is told is the answer's
             told_red = [i for i, line in enumerate(lines) if "red" in line]
             assert answer == ["at the beginning", "in the middle", "at the end"][told_red[len(told_red) // 2] * 3 // len(lines)]
+    # the toy's words have no light and no up or down: a scene they cannot tell is left out, so that no
+    # text is trained on with two answers (a guess to learn), and every other scene is kept
+    temporal = [a for a in probe.ASPECTS if a not in probe.CONTROLS]
+    everything = pretrain.told_scenes(temporal, 40, seed=3)
+    answers = collections.defaultdict(set)
+    for record in everything:
+        answers[record["conversations"][0]["value"]].add(record["answer"])
+    assert all(len(given) == 1 for given in answers.values())
+    kept = collections.Counter(r["task"] for r in everything)
+    assert kept == {**{a: 40 for a in temporal if a not in ("light", "direction")}, "direction": 20}
+    assert {r["options"]["ABCD".index(r["answer"])] for r in everything if r["task"] == "direction"} == {"A. to the right", "B. to the left"}
     ours = {p["seed"] for p in probe.plan_videos(["order_of_two", "grounding"], 150, pretrain.TOLD_SCENES_SEED + 3)}
     assert not ours & {p["seed"] for s in range(100) for p in probe.plan_videos(["order_of_two", "grounding"], 150, s)}
 

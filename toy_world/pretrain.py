@@ -53,7 +53,7 @@ SIGHT_CHECK_VIDEOS = 100  # new control videos the finished model is asked about
 SIGHT_CHECK_BAR = 0.8  # share of them it must name the object in to count as seeing well
 NARRATE = "Describe the video frame by frame."
 HEADER = "The following describes a video, one frame per line, in the order the frames appear."
-WORLD_SCENES = 500  # new scenes per aspect told in text for t3_world: about one pass at 400 steps x 16
+WORLD_SCENES = 500  # new scenes per aspect planned for t3_world's text; the 4250 its words tell: 1.2 passes at 400 x 16
 TOLD_SCENES_SEED = 7_000_001  # told_scenes plans under seed + this, apart from 02's own plans at seed
 STAMPED_SHARE = 0.5  # share of descriptions whose lines start with the frame's time, as Qwen3-VL's video text does
 
@@ -250,18 +250,30 @@ def told_scenes(aspects, per_aspect, seed, num_frames=NUM_FRAMES):
     """Stage 02's questions about `per_aspect` new scenes of each aspect, planned as 02 plans its
     training videos but under a seed of their own (so never one of 02's videos) and never rendered:
     each told in stamped lines, as records like told_records'. Text to train on need not come from
-    videos anyone rendered, so there can be as much of it as the steps take."""
+    videos anyone rendered, so there can be as much of it as the steps take. A scene whose words would
+    be the same had its answer been another is left out: the toy's words have no light and no up or
+    down, so a scene that gets brighter is told as one that gets darker, and trained on it would only
+    teach a guess."""
     shown_at = PROBE.uniform_indices(PROBE.RENDERED_FRAMES, num_frames)
     plans = PROBE.plan_videos(sorted(aspects), per_aspect, TOLD_SCENES_SEED + seed)  # the same records in any order
     scenes = []
     for number, plan in enumerate(plans):
         # the training split's shapes and backgrounds
         plan = {**plan, "id": f"told-{plan['aspect']}-{number:05d}", "split": "train"}
-        states, shape, _ = PROBE.build_scene(plan)
         question, options, _ = PROBE.ASPECTS[plan["aspect"]]
-        scenes.append({**plan, "question": question, "options": options,
-                       "description": stamped_lines([states[t] for t in shown_at], shape)})
+        description = told_in_words(plan, shown_at)
+        # the same seed makes the same draws, so the scene built for another answer differs only in that
+        if any(told_in_words({**plan, "label": other}, shown_at) == description
+               for other in range(len(options)) if other != plan["label"]):
+            continue
+        scenes.append({**plan, "question": question, "options": options, "description": description})
     return told_records(scenes, "train", control=None)
+
+
+def told_in_words(plan, shown_at):
+    """A planned scene's frames at `shown_at` in stamped lines of the toy's words."""
+    states, shape, _ = PROBE.build_scene(plan)
+    return stamped_lines([states[t] for t in shown_at], shape)
 
 
 def given_questions(probe_videos, folder=""):
@@ -281,8 +293,9 @@ def write_jsonl(path, records):
 def write_world_questions(probe_dir, seed, num_frames=NUM_FRAMES, per_aspect=WORLD_SCENES):
     """The toy world's own temporal questions, written beside the videos.jsonl of 02 run into `probe_dir`:
     world_text.jsonl, for a T3 adapter, the questions 02 asked about `per_aspect` new scenes of each of
-    its temporal aspects, in text only, each frame a line of the toy's caption words after its time as
-    Qwen3-VL writes it ("<0.8 seconds> a red circle on the left"), never one of 02's videos (told_scenes);
+    its temporal aspects whose words tell their answer, in text only, each frame a line of the toy's caption
+    words after its time as Qwen3-VL writes it ("<0.8 seconds> a red circle on the left"), never one of
+    02's videos (told_scenes);
     and tpo_videos.jsonl, stage 04's video list: 02's training videos with their questions. Returns the
     two paths."""
     if not str(per_aspect).isdigit() or int(per_aspect) < 1:
