@@ -18,7 +18,8 @@ The toy world's check of the T3 finding, run with the stages as they ship:
        control  02's order-free control question about the same videos, in words;
        t3       stage 01's records from the world's captions, as run_all.sh makes them;
      with --told-scenes N, stamped is told about N new scenes per aspect instead, never rendered and
-     never 02's (run_all.sh's t3_world at N=500), and control about as many new control scenes;
+     never 02's, keeping those the toy's words can tell (run_all.sh's t3_world at N=500), and control
+     about as many new control scenes;
   3. 03_train_t3.py trains one adapter on each, with the same settings (4-bit QLoRA by default).
      A fifth of each adapter's records are order-free questions about --mix-videos fresh
      toy videos (which objects appear, what shape), as T3 mixes in the model's own video instruction
