@@ -267,6 +267,13 @@ def test_told_scenes_are_new_scenes_whose_text_gives_the_answer(tmp_path):
     kept = collections.Counter(r["task"] for r in everything)
     assert kept == {**{a: 40 for a in temporal if a not in ("light", "direction")}, "direction": 20}
     assert {r["options"]["ABCD".index(r["answer"])] for r in everything if r["task"] == "direction"} == {"A. to the right", "B. to the left"}
+    # from 4 frames some order scenes show their two objects first in the same frame: told alike with
+    # either answer, they go too
+    sparse = pretrain.told_scenes(["order_of_two"], 400, seed=0, num_frames=4)
+    answers = collections.defaultdict(set)
+    for record in sparse:
+        answers[record["conversations"][0]["value"]].add(record["answer"])
+    assert all(len(given) == 1 for given in answers.values()) and 300 < len(sparse) < 400
     ours = {p["seed"] for p in probe.plan_videos(["order_of_two", "grounding"], 150, pretrain.TOLD_SCENES_SEED + 3)}
     assert not ours & {p["seed"] for s in range(100) for p in probe.plan_videos(["order_of_two", "grounding"], 150, s)}
 

@@ -253,7 +253,8 @@ def told_scenes(aspects, per_aspect, seed, num_frames=NUM_FRAMES):
     videos anyone rendered, so there can be as much of it as the steps take. A scene whose words would
     be the same had its answer been another is left out: the toy's words have no light and no up or
     down, so a scene that gets brighter is told as one that gets darker, and trained on it would only
-    teach a guess."""
+    teach a guess. So is a text told with two answers among these scenes (with few frames, two objects
+    can first be shown in the same one)."""
     shown_at = PROBE.uniform_indices(PROBE.RENDERED_FRAMES, num_frames)
     plans = PROBE.plan_videos(sorted(aspects), per_aspect, TOLD_SCENES_SEED + seed)  # the same records in any order
     scenes = []
@@ -267,7 +268,10 @@ def told_scenes(aspects, per_aspect, seed, num_frames=NUM_FRAMES):
                for other in range(len(options)) if other != plan["label"]):
             continue
         scenes.append({**plan, "question": question, "options": options, "description": description})
-    return told_records(scenes, "train", control=None)
+    answers = {}
+    for scene in scenes:
+        answers.setdefault((scene["aspect"], scene["description"]), set()).add(scene["label"])
+    return told_records([s for s in scenes if len(answers[s["aspect"], s["description"]]) == 1], "train", control=None)
 
 
 def told_in_words(plan, shown_at):
