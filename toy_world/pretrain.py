@@ -253,8 +253,8 @@ def told_scenes(aspects, per_aspect, seed, num_frames=NUM_FRAMES):
     videos anyone rendered, so there can be as much of it as the steps take. A scene whose words would
     be the same had its answer been another is left out: the toy's words have no light and no up or
     down, so a scene that gets brighter is told as one that gets darker, and trained on it would only
-    teach a guess. So is a text told with two answers among these scenes (with few frames, two objects
-    can first be shown in the same one)."""
+    teach a guess. A text told with two answers among these scenes is left out too (from few frames,
+    two objects can first be shown in the same one)."""
     shown_at = PROBE.uniform_indices(PROBE.RENDERED_FRAMES, num_frames)
     plans = PROBE.plan_videos(sorted(aspects), per_aspect, TOLD_SCENES_SEED + seed)  # the same records in any order
     scenes = []
