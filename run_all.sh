@@ -44,7 +44,7 @@ mkdir -p "$OUT"
 
 if [ -z "${MODEL:-}" ]; then
   MODEL=toy_world/model
-  [ -f "$MODEL/model.safetensors" ] || python toy_world/pretrain.py "$MODEL"  # shipped; this rebuilds it (about 11 min)
+  [ -f "$MODEL/model.safetensors" ] || python toy_world/pretrain.py "$MODEL"  # shipped; this rebuilds it (about 8 min)
   CAPTIONS=${CAPTIONS:-$MODEL/captions.jsonl}
   TOY=1
   # it was never taught to write questions or judge answers: its TPO pairs answer 02's multiple-choice questions
