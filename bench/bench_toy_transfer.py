@@ -141,7 +141,8 @@ def main(argv=None):
         if args.told_scenes:  # the control the same way: as many records, about new scenes of the control aspect
             temporal = [a for a in pretrain.PROBE.ASPECTS if a not in pretrain.PROBE.CONTROLS]
             train["stamped"] = pretrain.told_scenes(temporal, args.told_scenes, args.seed, NUM_FRAMES)
-            train["control"] = pretrain.told_scenes(pretrain.PROBE.CONTROLS, len(train["stamped"]), args.seed, NUM_FRAMES)
+            controls = pretrain.PROBE.CONTROLS
+            train["control"] = pretrain.told_scenes(controls, len(train["stamped"]) // len(controls), args.seed, NUM_FRAMES)
         if "t3" in args.sets:
             seconds["01"] = stage(work, "01", "01_synthesize.py", "--out", f"{work}/01", "--captions",
                                   os.path.join(args.model, "captions.jsonl"), "--num-train", args.steps * args.batch_size,

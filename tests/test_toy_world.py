@@ -228,6 +228,14 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, 
             assert record["conversations"][0]["value"] != original["conversations"][0]["value"]
 
 
+def each_text_has_one_answer(records):
+    """No prompt among `records` comes with two different answers."""
+    answers = collections.defaultdict(set)
+    for record in records:
+        answers[record["conversations"][0]["value"]].add(record["answer"])
+    return all(len(given) == 1 for given in answers.values())
+
+
 def test_told_scenes_are_new_scenes_whose_text_gives_the_answer(tmp_path):
     """t3_world's text (told_scenes): 02's questions about scenes planned under a seed of their own, with
     the training split's shapes, balanced answers, and each answer the one the told frames give. A wrong
@@ -260,20 +268,14 @@ def test_told_scenes_are_new_scenes_whose_text_gives_the_answer(tmp_path):
     # text is trained on with two answers (a guess to learn), and every other scene is kept
     temporal = [a for a in probe.ASPECTS if a not in probe.CONTROLS]
     everything = pretrain.told_scenes(temporal, 40, seed=3)
-    answers = collections.defaultdict(set)
-    for record in everything:
-        answers[record["conversations"][0]["value"]].add(record["answer"])
-    assert all(len(given) == 1 for given in answers.values())
+    assert each_text_has_one_answer(everything)
     kept = collections.Counter(r["task"] for r in everything)
     assert kept == {**{a: 40 for a in temporal if a not in ("light", "direction")}, "direction": 20}
     assert {r["options"]["ABCD".index(r["answer"])] for r in everything if r["task"] == "direction"} == {"A. to the right", "B. to the left"}
     # from 4 frames some order scenes show their two objects first in the same frame: told alike with
     # either answer, they go too
     sparse = pretrain.told_scenes(["order_of_two"], 400, seed=0, num_frames=4)
-    answers = collections.defaultdict(set)
-    for record in sparse:
-        answers[record["conversations"][0]["value"]].add(record["answer"])
-    assert all(len(given) == 1 for given in answers.values()) and 300 < len(sparse) < 400
+    assert each_text_has_one_answer(sparse) and 300 < len(sparse) < 400
     ours = {p["seed"] for p in probe.plan_videos(["order_of_two", "grounding"], 150, pretrain.TOLD_SCENES_SEED + 3)}
     assert not ours & {p["seed"] for s in range(100) for p in probe.plan_videos(["order_of_two", "grounding"], 150, s)}
 
