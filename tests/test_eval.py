@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MODELS, REPO, load_stage
+from conftest import MODELS, REPO, load_stage, run_in_process
 from videos import frames_for, write_video
 
 evaluation = load_stage("06_eval.py")
@@ -255,9 +255,9 @@ def adapters(tiny_models, tmp_path_factory):
 
 
 def run_eval(tiny_models, benches, out, *extra):
-    return subprocess.run([sys.executable, SCRIPT, "--model", tiny_models["qwen2_vl"], "--bench", benches["video"],
-                           "--bench", benches["t3"], "--num-frames", "4", "--out", str(out), "--batch-size", "3",
-                           *map(str, extra)], capture_output=True, text=True)
+    """Stage 06 on both benches, in this process (no interpreter and torch start-up per run)."""
+    return run_in_process("06_eval.py", "--model", tiny_models["qwen2_vl"], "--bench", benches["video"], "--bench", benches["t3"],
+                          "--num-frames", 4, "--out", out, "--batch-size", 3, *extra)
 
 
 def predictions(folder):
@@ -273,7 +273,6 @@ def assert_same_predictions(got, expected):
         assert got[key]["scores"] == pytest.approx(p["scores"], abs=SCORE_NOISE), key
 
 
-@pytest.mark.slow
 def test_several_adapters_equal_separate_runs(tiny_models, benches, adapters, tmp_path):
     both = run_eval(tiny_models, benches, tmp_path / "both", "--adapter", f"one={adapters['one']}",
                     "--adapter", f"two={adapters['two']}")
@@ -305,7 +304,6 @@ def test_generate_mode_records_replies(tiny_models, benches, tmp_path):
     assert ("replies name no single option" in open(tmp_path / "results.md").read()) == (unparsed > 0)
 
 
-@pytest.mark.slow
 def test_shards_merge_and_resume_give_the_whole_run(tiny_models, benches, tmp_path):
     assert run_eval(tiny_models, benches, tmp_path / "whole").returncode == 0
     whole = predictions(tmp_path / "whole")

@@ -2,22 +2,19 @@
 import collections
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, load_stage
+from conftest import load_stage, run_in_process
 
 probe = load_stage("02_probe.py")
-SCRIPT = os.path.join(REPO, "02_probe.py")
 
 
 def run_probe(model, out, *extra):
-    return subprocess.run([sys.executable, SCRIPT, "--model", model, "--out", str(out), "--num-frames", "8",
-                           "--seeds", "2", *map(str, extra)], capture_output=True, text=True)
+    """Stage 02, in this process (no interpreter and torch start-up per run)."""
+    return run_in_process("02_probe.py", "--model", model, "--out", out, "--num-frames", 8, "--seeds", 2, *extra)
 
 
 def decoded_scene(plan, tmp_path):
@@ -226,7 +223,6 @@ def test_llava_onevision_end_to_end_with_generation(tiny_models, tmp_path):
     assert len(answers) == 12 and all(isinstance(a["video_reply"], str) and len(a["text_scores"]) == 2 for a in answers)
 
 
-@pytest.mark.slow
 def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
     common = ["--aspects", "size,grounding", "--num-videos", "9", "--seeds", "1"]
     assert run_probe(tiny_models["qwen2_vl"], tmp_path / "whole", *common).returncode == 0
@@ -234,8 +230,7 @@ def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
         result = run_probe(tiny_models["qwen2_vl"], tmp_path / f"shard{i}", *common, "--shard", f"{i}/2")
         assert result.returncode == 0, result.stderr[-2000:]
         assert not (tmp_path / f"shard{i}" / "report.json").exists()
-    merged = subprocess.run([sys.executable, SCRIPT, "--merge", str(tmp_path / "shard0"), str(tmp_path / "shard1"),
-                             "--out", str(tmp_path / "merged")], capture_output=True, text=True)
+    merged = run_in_process("02_probe.py", "--merge", tmp_path / "shard0", tmp_path / "shard1", "--out", tmp_path / "merged")
     assert merged.returncode == 0, merged.stderr[-2000:]
     whole, joined = (json.load(open(tmp_path / d / "report.json"))["aspects"] for d in ("whole", "merged"))
     assert joined == whole

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import MODELS, REPO, TOY_MODEL, load_stage, needs_toy_model
+from conftest import MODELS, REPO, TOY_MODEL, load_stage, needs_toy_model, run_in_process
 from videos import frames_for, write_video
 
 t3 = load_stage("03_train_t3.py")
@@ -39,7 +39,14 @@ def video_sft(tmp_path_factory):
 
 
 def run_train(*args):
+    """Stage 03 as a command: its own process, what a user's shell sees."""
     return subprocess.run([sys.executable, SCRIPT, *map(str, args)], capture_output=True, text=True)
+
+
+def train_in_process(*args):
+    """Stage 03 in this process, where the test is not about the command itself (no interpreter and torch
+    start-up per run)."""
+    return run_in_process("03_train_t3.py", *args)
 
 
 @pytest.mark.parametrize("arch", MODELS)
@@ -172,19 +179,18 @@ def test_4bit_training_touches_only_language_model_lora(tiny_models, t3_data, tm
     assert vision_types == {"Linear"}
 
 
-@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(tiny_models, t3_data, tmp_path, video_sft):
     common = ["--model", tiny_models["qwen2_vl"], "--train", t3_data / "t3_train.jsonl", "--mix", video_sft / "video_sft.jsonl",
               "--mix-ratio", "0.1", "--num-frames", "4", "--max-steps", "6", "--batch-size", "4", "--grad-accum", "2",
               "--save-every", "2", "--lr", "1e-3"]
-    whole = run_train(*common, "--out", tmp_path / "whole")
+    whole = train_in_process(*common, "--out", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-2000:]
-    first = run_train(*common, "--out", tmp_path / "split", "--stop-after-steps", "3")
+    first = train_in_process(*common, "--out", tmp_path / "split", "--stop-after-steps", "3")
     assert first.returncode == 0 and "continue with --resume" in first.stdout
     assert not (tmp_path / "split" / "adapter_model.safetensors").exists()
     with open(tmp_path / "split" / "train_log.jsonl", "a") as log:  # a kill -9 after logging steps 4-5, mid-line
         log.write('{"event": "train", "step": 4, "loss": 1.0}\n{"event": "train", "step": 5, "loss": 1.0}\n{"event": "tr')
-    second = run_train(*common, "--out", tmp_path / "split", "--resume")
+    second = train_in_process(*common, "--out", tmp_path / "split", "--resume")
     assert second.returncode == 0, second.stderr[-2000:]
     a = load_file(tmp_path / "whole" / "adapter_model.safetensors")
     b = load_file(tmp_path / "split" / "adapter_model.safetensors")
@@ -204,7 +210,7 @@ def test_runs_under_torchrun_ddp_as_one_process_would(tiny_models, t3_data, tmp_
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", SCRIPT, *common,
                              "--grad-accum", "2", "--out", str(tmp_path / "ddp")], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    single = run_train(*common, "--grad-accum", "4", "--out", tmp_path / "one")
+    single = train_in_process(*common, "--grad-accum", "4", "--out", tmp_path / "one")
     assert single.returncode == 0, single.stderr[-2000:]
     logs = {name: [json.loads(line) for line in open(tmp_path / name / "train_log.jsonl")] for name in ("ddp", "one")}
     assert logs["ddp"][0]["world_size"] == 2 and [e["step"] for e in logs["ddp"] if e["event"] == "train"] == [1, 2]
@@ -250,15 +256,14 @@ def test_validation_letter_accuracy_is_stage_06s_t3_val_number(tiny_models, t3_d
     """One meaning for "T3 validation accuracy": 03's letter score on its validation records equals
     06's accuracy on the same t3_val records with the adapter 03 wrote."""
     out = tmp_path / "run"
-    result = run_train("--model", tiny_models["qwen2_vl"], "--train", t3_data / "t3_train.jsonl", "--val",
-                       t3_data / "t3_val.jsonl", "--out", out, "--max-steps", "3", "--batch-size", "4", "--grad-accum", "1",
-                       "--lr", "5e-3", "--seed", "3")
+    result = train_in_process("--model", tiny_models["qwen2_vl"], "--train", t3_data / "t3_train.jsonl", "--val",
+                              t3_data / "t3_val.jsonl", "--out", out, "--max-steps", "3", "--batch-size", "4",
+                              "--grad-accum", "1", "--lr", "5e-3", "--seed", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "as stage 06 scores t3_val" in result.stdout
     final = [json.loads(line) for line in open(out / "train_log.jsonl") if '"eval"' in line][-1]
-    evaluated = subprocess.run([sys.executable, os.path.join(REPO, "06_eval.py"), "--model", tiny_models["qwen2_vl"],
-                                "--adapter", f"t3={out}", "--bench", t3_data / "t3_val.jsonl", "--batch-size", "1",
-                                "--out", tmp_path / "eval"], capture_output=True, text=True)
+    evaluated = run_in_process("06_eval.py", "--model", tiny_models["qwen2_vl"], "--adapter", f"t3={out}",
+                               "--bench", t3_data / "t3_val.jsonl", "--batch-size", 1, "--out", tmp_path / "eval")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     results = json.load(open(tmp_path / "eval" / "results.json"))["results"]
     assert results["t3"]["t3_val"]["total"] == final["items"] == 12
@@ -269,6 +274,7 @@ def test_validation_letter_accuracy_is_stage_06s_t3_val_number(tiny_models, t3_d
 def test_the_answer_loss_equals_the_models_own_loss_without_its_logits(tiny_models, arch):
     """AnswerNLL (hidden states at supervised positions through the fused head) gives model(**batch).loss
     and the same LoRA gradients, on a batch of a video conversation and a text one of other lengths."""
+    torch.manual_seed(0)  # LoRA's starting weights: the same whichever tests ran before
     model, processor = t3.load_model(tiny_models[arch], four_bit=False, device=torch.device("cpu"))
     args = t3.parse_args(["--model", "m", "--train", "-", "--out", "-", "--no-4bit", "--lora-dropout", "0",
                           "--no-gradient-checkpointing"])
@@ -289,8 +295,11 @@ def test_the_answer_loss_equals_the_models_own_loss_without_its_logits(tiny_mode
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
     (plain, plain_grads), (fused, fused_grads) = results
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    # The two sum in float32 in another order: up to 4e-6 of a tensor's largest gradient apart over
+    # seeds 0-5 (the Qwen2.5-VL twin; a fixed 1e-6 failed 3 of them). A wrong mask or shift is far more.
     for name in plain_grads:
-        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+        scale = plain_grads[name].abs().max().item()
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], rtol=1e-4, atol=2e-5 * scale)
 
 
 def bytes_by_dtype(model):

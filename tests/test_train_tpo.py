@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import MODELS, REPO, load_stage
+from conftest import MODELS, REPO, load_stage, run_in_process
 from videos import frames_for, write_video
 
 tpo = load_stage("05_train_tpo.py")
@@ -174,17 +174,17 @@ def test_starts_from_a_t3_adapter_which_is_also_the_reference(tiny_models, pairs
 
 def test_resume_matches_uninterrupted_run(tiny_models, pairs_file, tmp_path):
     from safetensors.torch import load_file
-    common = [sys.executable, SCRIPT, "--model", tiny_models["llava_onevision"], "--pairs", str(pairs_file),
-              "--max-steps", "4", "--grad-accum", "2", "--save-every", "1", "--lr", "1e-3"]
-    whole = subprocess.run(common + ["--out", str(tmp_path / "whole")], capture_output=True, text=True)
+    common = ["05_train_tpo.py", "--model", tiny_models["llava_onevision"], "--pairs", pairs_file,
+              "--max-steps", 4, "--grad-accum", 2, "--save-every", 1, "--lr", 1e-3]
+    whole = run_in_process(*common, "--out", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-2000:]
-    first = subprocess.run(common + ["--out", str(tmp_path / "split"), "--stop-after-steps", "2"], capture_output=True, text=True)
+    first = run_in_process(*common, "--out", tmp_path / "split", "--stop-after-steps", 2)
     assert first.returncode == 0 and "continue with --resume" in first.stdout
     with open(tmp_path / "split" / "train_log.jsonl", "a") as log:  # a kill -9 after logging step 3, mid-line
         log.write('{"step": 3, "loss": 1.0}\n{"step"')
     with open(tmp_path / "split" / "reference_logps.rank0.jsonl", "a") as cache:  # and mid-way through a cache line
         cache.write('{"id": "p9", "lo')
-    second = subprocess.run(common + ["--out", str(tmp_path / "split"), "--resume"], capture_output=True, text=True)
+    second = run_in_process(*common, "--out", tmp_path / "split", "--resume")
     assert second.returncode == 0, second.stderr[-2000:]
     assert "reference:" not in second.stderr  # cached reference log-probs were reused, not recomputed
     a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("whole", "split"))
