@@ -2,12 +2,14 @@
 import collections
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import load_stage, run_in_process
+from conftest import REPO, load_stage, run_in_process
 
 probe = load_stage("02_probe.py")
 
@@ -239,7 +241,10 @@ def test_shards_merge_to_the_single_run(tiny_models, tmp_path):
 
 
 def test_missing_model_is_one_line(tmp_path):
-    result = run_probe(str(tmp_path / "nowhere"), tmp_path / "out", "--aspects", "size", "--num-videos", "6")
+    """As a shell sees it: its own process, so any warning the stage prints would show in stderr."""
+    result = subprocess.run([sys.executable, os.path.join(REPO, "02_probe.py"), "--model", str(tmp_path / "nowhere"),
+                             "--out", str(tmp_path / "out"), "--aspects", "size", "--num-videos", "6"],
+                            capture_output=True, text=True)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'nowhere'}: no such model folder"
 
