@@ -188,6 +188,31 @@ def load_bench(monkeypatch):
     return bench
 
 
+@needs_toy_model
+def test_narration_bench_reads_what_the_toy_model_sees(tmp_path, monkeypatch):
+    """bench/bench_toy_narration.py: a narrated line is checked part by part against its frame's caption,
+    and the shipped model, asked to narrate one new test video of each temporal aspect, names the frames'
+    objects and colours in most frames (it sees), which a broken prompt, frame timing or line matching fails.
+    (02's plans keep at least one test video per answer, so an aspect may get a few.)"""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
+    spec = importlib.util.spec_from_file_location("bench_toy_narration", os.path.join(REPO, "bench", "bench_toy_narration.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    truth = "<0.2 seconds> a large red circle on the left and a blue circle on the right"
+    assert bench.line_parts(truth.replace("circle", "diamond"), truth) == dict.fromkeys(bench.PARTS, 1)  # shape aside
+    assert bench.line_parts("<0.2 seconds> a red circle on the left and a blue circle on the right", truth) == \
+        {"count": 1, "colour": 1, "side": 1, "size": 0, "all": 0}
+    assert bench.line_parts("<0.2 seconds> a large red circle on the left", truth)["count"] == 0
+    assert bench.line_parts("<0.2 seconds> nothing", "<0.2 seconds> nothing")["all"] == 1
+    shares = bench.main(["--videos-per-aspect", "1", "--out", str(tmp_path / "narration.json")])
+    assert json.load(open(tmp_path / "narration.json")) == shares
+    pretrain = load_pretrain()
+    assert set(shares) == set(pretrain.PROBE.ASPECTS) - set(pretrain.PROBE.CONTROLS)
+    assert all(s["videos"] >= 1 and s["frames"] == s["videos"] * pretrain.NUM_FRAMES for s in shares.values())
+    frames = sum(s["frames"] for s in shares.values())
+    assert sum(s["colour"] * s["frames"] for s in shares.values()) / frames >= 0.8  # 0.99 of 208 frames when measured
+
+
 def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, monkeypatch):
     """bench/bench_toy_transfer.py trains on 02's questions in words: stage 06 must read its records back
     into exactly the prompt 02 gives its text-only LLM, with the right answer, and 03 must load them;
