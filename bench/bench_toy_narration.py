@@ -15,7 +15,6 @@ import json
 import os
 import re
 
-import torch
 from tqdm import tqdm
 
 from stages import REPO, load_stage, machine
@@ -58,15 +57,6 @@ def line_parts(said, truth):
     return {k: int(v) for k, v in parts.items()}
 
 
-@torch.no_grad()
-def narrate(model, processor, world, video):
-    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": world.NARRATE}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(text=[text], videos=[video], return_tensors="pt", **world.PROBE.video_timing([video]))
-    out = model.generate(**inputs.to(model.device), max_new_tokens=200, do_sample=False)
-    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip().split("\n")
-
-
 def main(argv=None):
     args = parse_args(argv)
     world = load_stage("toy_world/pretrain.py")
@@ -84,7 +74,8 @@ def main(argv=None):
     for plan in tqdm(plans, desc="narrate", unit="video", mininterval=2):
         states, shape, background = probe.build_scene(plan)
         frames = [states[t] for t in shown_at]
-        said = narrate(model, processor, world, world.clip(probe.render(frames, shape, background)))
+        video = world.clip(probe.render(frames, shape, background))
+        said = probe.choice_generate(model, processor, [(video, world.NARRATE)], model.device, max_new_tokens=200)[0].split("\n")
         tally = right[plan["aspect"]]
         tally["videos"] += 1
         for k, truth in enumerate(world.stamped_lines(frames, shape).split("\n")):

@@ -180,9 +180,9 @@ def test_training_on_text_raises_the_toy_models_accuracy_on_videos(tmp_path, mon
     assert checked["pairs"] >= 12 and checked["chosen"]["interval"][0] > checked["rejected"]["interval"][1]  # 15/24 vs 0/24 measured
 
 
-def load_bench(monkeypatch):
+def load_bench(monkeypatch, name="bench_toy_transfer"):
     monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))  # the bench imports its neighbour stages.py
-    spec = importlib.util.spec_from_file_location("bench_toy_transfer", os.path.join(REPO, "bench", "bench_toy_transfer.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "bench", f"{name}.py"))
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     return bench
@@ -194,10 +194,7 @@ def test_narration_bench_reads_what_the_toy_model_sees(tmp_path, monkeypatch):
     and the shipped model, asked to narrate one new test video of each temporal aspect, names the frames'
     objects and colours in most frames (it sees), which a broken prompt, frame timing or line matching fails.
     (02's plans keep at least one test video per answer, so an aspect may get a few.)"""
-    monkeypatch.syspath_prepend(os.path.join(REPO, "bench"))
-    spec = importlib.util.spec_from_file_location("bench_toy_narration", os.path.join(REPO, "bench", "bench_toy_narration.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench(monkeypatch, "bench_toy_narration")
     truth = "<0.2 seconds> a large red circle on the left and a blue circle on the right"
     assert bench.line_parts(truth.replace("circle", "diamond"), truth) == dict.fromkeys(bench.PARTS, 1)  # shape aside
     assert bench.line_parts("<0.2 seconds> a red circle on the left and a blue circle on the right", truth) == \
