@@ -40,8 +40,8 @@ only for this audit) and SET+tpo against SET on the same items.
 Transfer shows as a gain on probe_bench for `words`, `caption_words`, `stamped` (and `t3`) whose interval
 excludes 0, with none for `control`. Every stage's output stays in --work-dir when one is given.
 
-Usage: python bench/bench_toy_transfer.py [--sets words,caption_words,stamped,control,t3] [--steps 400] [--num-videos 150]
-           [--told-scenes 500] [--tpo stamped] [--tpo-pairs 400] [--tpo-steps 200]
+Usage: python bench/bench_toy_transfer.py [--sets words,caption_words,stamped,control,t3] [--aspects order_of_two,...]
+           [--steps 400] [--lr 2e-3] [--num-videos 150] [--told-scenes 500] [--tpo stamped] [--tpo-pairs 400] [--tpo-steps 200]
 """
 import argparse
 import json
@@ -62,6 +62,8 @@ def parse_args(argv=None):
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", default=os.path.join(REPO, "toy_world", "model"))
     p.add_argument("--sets", default=",".join(SETS), help=f"training sets, comma-separated, of: {', '.join(SETS)}")
+    p.add_argument("--aspects", help="02's temporal aspects to render, train on and score, comma-separated (default: all; "
+                   "the order-free control is always added)")
     p.add_argument("--num-videos", type=int, default=150, help="02's videos per aspect (a third are test videos)")
     p.add_argument("--steps", type=int, default=400, help="03's optimizer steps for each adapter")
     p.add_argument("--batch-size", type=int, default=16)
@@ -83,6 +85,12 @@ def parse_args(argv=None):
         p.error(f"--mix-videos must be 0 (text only) or more, not {args.mix_videos}")
     if unknown or not args.sets:
         p.error(f"--sets takes some of {', '.join(SETS)}, not {','.join(unknown) or 'nothing'}")
+    probe = load_stage("02_probe.py")
+    temporal = [a for a in probe.ASPECTS if a not in probe.CONTROLS]
+    args.aspects = args.aspects.split(",") if args.aspects else temporal
+    args.controls = list(probe.CONTROLS)  # always rendered: probe_control_bench is scored with every set
+    if not args.aspects or set(args.aspects) - set(temporal):
+        p.error(f"--aspects takes some of {', '.join(temporal)}, not {','.join(set(args.aspects) - set(temporal)) or 'nothing'}")
     if args.tpo and args.tpo not in args.sets:
         p.error(f"--tpo takes one of the sets trained (--sets {','.join(args.sets)}), not {args.tpo}")
     return args
@@ -128,7 +136,8 @@ def main(argv=None):
         os.makedirs(work, exist_ok=True)
         quantized = ["--no-4bit"] if args.no_4bit else []
         seconds = {"02": stage(work, "02", "02_probe.py", "--model", args.model, "--out", f"{work}/02", "--num-videos",
-                               args.num_videos, "--num-frames", NUM_FRAMES, "--seeds", 1, "--seed", args.seed, *quantized)}
+                               args.num_videos, "--num-frames", NUM_FRAMES, "--seeds", 1, "--seed", args.seed,
+                               "--aspects", ",".join([*args.aspects, *args.controls]), *quantized)}
         probe_videos = [json.loads(line) for line in open(f"{work}/02/videos.jsonl")]
         pretrain = load_stage(os.path.join("toy_world", "pretrain.py"))
         train = {"words": pretrain.told_records(probe_videos, "train"),
@@ -139,8 +148,7 @@ def main(argv=None):
             train[name] = pretrain.told_records(told, "train")
             pretrain.write_jsonl(f"{work}/{name}_test.jsonl", pretrain.told_records(told, "test"))
         if args.told_scenes:  # the control the same way: as many records, about new scenes of the control aspect
-            temporal = [a for a in pretrain.PROBE.ASPECTS if a not in pretrain.PROBE.CONTROLS]
-            train["stamped"] = pretrain.told_scenes(temporal, args.told_scenes, args.seed, NUM_FRAMES)
+            train["stamped"] = pretrain.told_scenes(args.aspects, args.told_scenes, args.seed, NUM_FRAMES)
             controls = pretrain.PROBE.CONTROLS
             train["control"] = pretrain.told_scenes(controls, len(train["stamped"]) // len(controls), args.seed, NUM_FRAMES)
         if "t3" in args.sets:

@@ -253,6 +253,21 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, 
             assert record["conversations"][0]["value"] != original["conversations"][0]["value"]
 
 
+def test_transfer_bench_trains_and_scores_a_subset_of_aspects(monkeypatch):
+    """--aspects narrows the bench to some of 02's temporal aspects (the order-free control always comes
+    too), and the scenes told for them are those the full set tells for them, so a subset's numbers are
+    comparable with the default run's."""
+    bench = load_bench(monkeypatch)
+    args = bench.parse_args(["--aspects", "referring_end,grounding", "--sets", "stamped,control"])
+    assert args.aspects == ["referring_end", "grounding"] and args.controls == ["appearance"]
+    for wrong in ("appearance", "referring_end,soon", ","):  # the control, a typo, nothing
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--aspects", wrong])
+    pretrain = load_pretrain()
+    told = lambda aspects: [(r["task"], r["answer"], r["conversations"]) for r in pretrain.told_scenes(aspects, 12, 0)]
+    assert told(args.aspects) == [t for t in told(bench.parse_args([]).aspects) if t[0] in args.aspects]
+
+
 def each_text_has_one_answer(records):
     """No prompt among `records` comes with two different answers."""
     answers = collections.defaultdict(set)
