@@ -87,13 +87,23 @@ def parse_args(argv=None):
         p.error(f"--sets takes some of {', '.join(SETS)}, not {','.join(unknown) or 'nothing'}")
     probe = load_stage("02_probe.py")
     temporal = [a for a in probe.ASPECTS if a not in probe.CONTROLS]
-    args.aspects = args.aspects.split(",") if args.aspects else temporal
+    args.aspects = list(dict.fromkeys(a for a in (args.aspects or ",".join(temporal)).split(",") if a))
     args.controls = list(probe.CONTROLS)  # always rendered: probe_control_bench is scored with every set
-    if not args.aspects or set(args.aspects) - set(temporal):
-        p.error(f"--aspects takes some of {', '.join(temporal)}, not {','.join(set(args.aspects) - set(temporal)) or 'nothing'}")
+    unknown = [a for a in args.aspects if a not in temporal]
+    if unknown or not args.aspects:
+        p.error(f"--aspects takes some of {', '.join(temporal)} (the order-free control, {', '.join(args.controls)}, "
+                f"is always added), not {','.join(unknown) or 'nothing'}")
     if args.tpo and args.tpo not in args.sets:
         p.error(f"--tpo takes one of the sets trained (--sets {','.join(args.sets)}), not {args.tpo}")
     return args
+
+
+def scenes_told(pretrain, aspects, per_aspect, seed):
+    """`stamped` told about `per_aspect` new scenes of each of `aspects`, and `control` about as many new scenes
+    of the order-free control: training sets of text that no rendered video gave."""
+    stamped = pretrain.told_scenes(aspects, per_aspect, seed, NUM_FRAMES)
+    controls = pretrain.PROBE.CONTROLS
+    return {"stamped": stamped, "control": pretrain.told_scenes(controls, len(stamped) // len(controls), seed, NUM_FRAMES)}
 
 
 def stage(log_dir, name, *argv):
@@ -135,11 +145,16 @@ def main(argv=None):
         work = args.work_dir or tmp
         os.makedirs(work, exist_ok=True)
         quantized = ["--no-4bit"] if args.no_4bit else []
+        pretrain = load_stage(os.path.join("toy_world", "pretrain.py"))
+        if args.told_scenes:
+            new_scenes = scenes_told(pretrain, args.aspects, args.told_scenes, args.seed)
+            if not new_scenes["stamped"]:
+                sys.exit(f"--told-scenes: the toy's words tell none of the scenes of {','.join(args.aspects)} "
+                         "(they have no light, no up or down)")
         seconds = {"02": stage(work, "02", "02_probe.py", "--model", args.model, "--out", f"{work}/02", "--num-videos",
                                args.num_videos, "--num-frames", NUM_FRAMES, "--seeds", 1, "--seed", args.seed,
                                "--aspects", ",".join([*args.aspects, *args.controls]), *quantized)}
         probe_videos = [json.loads(line) for line in open(f"{work}/02/videos.jsonl")]
-        pretrain = load_stage(os.path.join("toy_world", "pretrain.py"))
         train = {"words": pretrain.told_records(probe_videos, "train"),
                  "control": pretrain.told_records(probe_videos, "train", control=True)}
         pretrain.write_jsonl(f"{work}/words_test.jsonl", pretrain.told_records(probe_videos, "test"))
@@ -147,10 +162,8 @@ def main(argv=None):
             told = pretrain.retold(probe_videos, lines, args.num_videos, args.seed, NUM_FRAMES)
             train[name] = pretrain.told_records(told, "train")
             pretrain.write_jsonl(f"{work}/{name}_test.jsonl", pretrain.told_records(told, "test"))
-        if args.told_scenes:  # the control the same way: as many records, about new scenes of the control aspect
-            train["stamped"] = pretrain.told_scenes(args.aspects, args.told_scenes, args.seed, NUM_FRAMES)
-            controls = pretrain.PROBE.CONTROLS
-            train["control"] = pretrain.told_scenes(controls, len(train["stamped"]) // len(controls), args.seed, NUM_FRAMES)
+        if args.told_scenes:  # instead of 02's training videos: new scenes, never rendered
+            train.update(new_scenes)
         if "t3" in args.sets:
             seconds["01"] = stage(work, "01", "01_synthesize.py", "--out", f"{work}/01", "--captions",
                                   os.path.join(args.model, "captions.jsonl"), "--num-train", args.steps * args.batch_size,

@@ -253,12 +253,12 @@ def test_transfer_bench_asks_in_words_what_stage_02_asks_its_text_llm(tmp_path, 
             assert record["conversations"][0]["value"] != original["conversations"][0]["value"]
 
 
-def test_transfer_bench_trains_and_scores_a_subset_of_aspects(monkeypatch):
-    """--aspects narrows the bench to some of 02's temporal aspects (the order-free control always comes
-    too), and the scenes told for them are those the full set tells for them, so a subset's numbers are
-    comparable with the default run's."""
+def test_transfer_bench_trains_and_scores_a_subset_of_aspects(monkeypatch, tmp_path):
+    """--aspects narrows the bench to some of 02's temporal aspects: 02 renders those and the order-free
+    control, and the scenes told in text are those the full set tells for them, so a subset's numbers are
+    comparable with the default run's. Aspects the toy's words cannot tell end the bench before 02 runs."""
     bench = load_bench(monkeypatch)
-    args = bench.parse_args(["--aspects", "referring_end,grounding", "--sets", "stamped,control"])
+    args = bench.parse_args(["--aspects", "referring_end,grounding,referring_end,", "--sets", "stamped,control"])
     assert args.aspects == ["referring_end", "grounding"] and args.controls == ["appearance"]
     for wrong in ("appearance", "referring_end,soon", ","):  # the control, a typo, nothing
         with pytest.raises(SystemExit):
@@ -266,6 +266,23 @@ def test_transfer_bench_trains_and_scores_a_subset_of_aspects(monkeypatch):
     pretrain = load_pretrain()
     told = lambda aspects: [(r["task"], r["answer"], r["conversations"]) for r in pretrain.told_scenes(aspects, 12, 0)]
     assert told(args.aspects) == [t for t in told(bench.parse_args([]).aspects) if t[0] in args.aspects]
+    sets = bench.scenes_told(pretrain, args.aspects, 12, 0)
+    assert {r["task"] for r in sets["stamped"]} == set(args.aspects) and len(sets["control"]) == len(sets["stamped"])
+    assert {r["task"] for r in sets["control"]} == {"appearance"}
+
+    class Stage02Called(Exception):
+        pass
+
+    def stage(log_dir, name, *argv):
+        raise Stage02Called(argv)
+
+    monkeypatch.setattr(bench, "stage", stage)
+    with pytest.raises(Stage02Called) as called:
+        bench.main(["--aspects", "referring_end,grounding", "--sets", "stamped", "--told-scenes", "4", "--work-dir", str(tmp_path)])
+    argv = list(called.value.args[0])
+    assert argv[0] == "02_probe.py" and argv[argv.index("--aspects") + 1] == "referring_end,grounding,appearance"
+    with pytest.raises(SystemExit, match="tell none of the scenes of light"):
+        bench.main(["--aspects", "light", "--sets", "stamped", "--told-scenes", "4", "--work-dir", str(tmp_path)])
 
 
 def each_text_has_one_answer(records):
